@@ -1,0 +1,4 @@
+"""`python -m layerlab.cli` runs the CLI (used by tests that kill a running command)."""
+from . import main
+
+main()

@@ -1,0 +1,32 @@
+"""`layerlab demo`: everything end to end on the embedded data."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ._common import print_frame, set_threads
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("demo")
+    def demo_cmd(
+        out: Path = typer.Option(Path("layerlab-demo"), "--out", "-o", help="Output folder (re-running resumes)."),
+        step: list[str] = typer.Option([], "--step", help="Run only these steps (repeatable); default all, in order."),
+        device: str = typer.Option("cpu", help="cpu or cuda."),
+        threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: all cores)."),
+    ) -> None:
+        """Train the demo zoo on the embedded digits data and run every analysis on it, offline.
+
+        Writes OUT/zoo (trained runs), OUT/shards (tidy Parquet tables), figures and a report. Takes a few
+        minutes on a 2-core CPU; a killed demo resumes where it stopped.
+        """
+        from ..demo import ORDER, run_demo
+
+        set_threads(threads)
+        ctx = run_demo(out, steps=step or None, device=device)
+        if ctx.zoo_table is not None and not ctx.zoo_table.empty:
+            print_frame(ctx.zoo_table[["model", "recipe", "category", "train_acc", "accuracy", "seconds"]], "demo zoo")
+        typer.echo(f"steps: {', '.join(f'{k} {v:.0f}s' for k, v in ctx.timings.items())} (all: {', '.join(ORDER)})")
+        typer.echo(f"results: {out} (query with `layerlab results {out}`)")

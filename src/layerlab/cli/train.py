@@ -1,0 +1,144 @@
+"""`layerlab train`, `layerlab zoo train|show`, `layerlab recipes`, `layerlab layers`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ._common import parse_overrides, print_frame, set_threads
+
+console = Console()
+
+
+def register(app: typer.Typer) -> None:
+    zoo_app = typer.Typer(help="Train and inspect model zoos: one architecture, many training methods.", no_args_is_help=True)
+    app.add_typer(zoo_app, name="zoo")
+
+    @app.command("train")
+    def train_cmd(
+        arch: str = typer.Argument(..., help="Architecture spec, e.g. 'timm:resnet18?channels=16,32,64,128'."),
+        data: str = typer.Option("digits", "--data", "-d", help="Data spec: digits, cifar10:DIR, imagefolder:DIR ..."),
+        out: Path = typer.Option(..., "--out", "-o", help="Run folder: checkpoints/, metrics.csv, final.pt. Re-running resumes."),
+        recipe: str = typer.Option("baseline", "--recipe", "-r", help="Named recipe; list them with `layerlab recipes`."),
+        epochs: Optional[int] = typer.Option(None, help="Override the recipe's epoch count."),
+        lr: Optional[float] = typer.Option(None, help="Override the recipe's learning rate."),
+        tract: Optional[float] = typer.Option(None, "--tract", help="Train the first layer with TrAct at this lambda (e.g. 0.1)."),
+        set_: list[str] = typer.Option([], "--set", help="Any recipe field, FIELD=VALUE (repeatable), e.g. --set label_noise=0.2."),
+        checkpoints: str = typer.Option("every", help="Checkpoint schedule: every, log (0,1,2,4,...), final."),
+        seed: int = typer.Option(0, help="Seed for init, data order, augmentation and label noise."),
+        train_n: Optional[int] = typer.Option(None, help="Train on a fixed seeded subset of this many images."),
+        init: Optional[str] = typer.Option(None, help="Start from this checkpoint (finetuning)."),
+        device: str = typer.Option("cpu", help="cpu or cuda (cuda uses bf16 autocast and channels_last)."),
+        threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+    ) -> None:
+        """Train one model with one recipe, checkpointing on a schedule; a killed run resumes from its last epoch.
+
+        Example: layerlab train 'timm:resnet18?channels=16,32,64,128' --data digits --out runs/base --epochs 8
+        """
+        from ..train import recipe as make_recipe
+        from ..train import train
+
+        set_threads(threads)
+        over = parse_overrides(set_)
+        for k, v in (("epochs", epochs), ("lr", lr), ("tract", tract)):
+            if v is not None:
+                over[k] = v
+        r = make_recipe(recipe, **over)
+        run = train(arch, data, r, out, seed=seed, checkpoints=checkpoints, device=device, train_n=train_n, init=init)
+        from ..runs import run_metrics
+
+        m = run_metrics(run)
+        print_frame(m[["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds"]], f"{run}")
+        console.print(f"final test accuracy {m['test_acc'].iloc[-1]:.4f}; model: file:{run / 'final.pt'}")
+
+    @app.command("finetune")
+    def finetune_cmd(
+        spec: str = typer.Argument(..., help="Pretrained model: a checkpoint path or file:PATH."),
+        data: str = typer.Option(..., "--data", "-d", help="Downstream data spec (e.g. 'digits?...' or imagefolder:DIR)."),
+        out: Path = typer.Option(..., "--out", "-o", help="Run folder for the finetuned model."),
+        mode: str = typer.Option("full", help="full (all layers) or linear (linear probing: only the head trains)."),
+        recipe: str = typer.Option("baseline", "--recipe", "-r"),
+        epochs: Optional[int] = typer.Option(None),
+        lr: Optional[float] = typer.Option(None),
+        seed: int = typer.Option(0),
+        device: str = typer.Option("cpu"),
+    ) -> None:
+        """Finetune a pretrained checkpoint on new data: full finetuning or linear probing; the head is re-made."""
+        from ..models import read_checkpoint_meta
+        from ..train import recipe as make_recipe
+        from ..train import train
+
+        path = spec.removeprefix("file:")
+        if not Path(path).exists():
+            from ..errors import LayerlabError
+
+            raise LayerlabError(f"pretrained checkpoint {path!r} does not exist; pass a file made by `layerlab train`")
+        arch = read_checkpoint_meta(path)["arch"]
+        over = {k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None}
+        if mode not in ("full", "linear"):
+            from ..errors import LayerlabError
+
+            raise LayerlabError(f"--mode must be 'full' or 'linear', got {mode!r}")
+        run = train(arch, data, make_recipe(recipe, **over), out, seed=seed, device=device, init=path,
+                    trainable="head" if mode == "linear" else None)
+        from ..runs import run_metrics
+
+        console.print(f"finetuned test accuracy {run_metrics(run)['test_acc'].iloc[-1]:.4f}; model: file:{run / 'final.pt'}")
+
+    @zoo_app.command("train")
+    def zoo_train(
+        zoo: str = typer.Argument("demo", help="Zoo YAML file or a built-in zoo name (demo, dynamics)."),
+        out: Path = typer.Option(..., "--out", "-o", help="Zoo folder: one run folder per model, and zoo.csv."),
+        only: list[str] = typer.Option([], help="Train only these models (repeatable)."),
+        device: str = typer.Option("cpu"),
+        threads: Optional[int] = typer.Option(None),
+    ) -> None:
+        """Train every model of a zoo; finished models are skipped, a killed model resumes from its last epoch."""
+        from ..train import train_zoo
+
+        set_threads(threads)
+        table = train_zoo(zoo, out, device=device, only=only or None)
+        print_frame(table[["model", "recipe", "category", "train_acc", "accuracy", "seconds"]], f"zoo {out}")
+
+    @zoo_app.command("show")
+    def zoo_show(zoo: str = typer.Argument("demo", help="Zoo YAML file or built-in name.")) -> None:
+        """Print the models of a zoo file with their resolved recipes."""
+        from ..train import load_zoo
+
+        z = load_zoo(zoo)
+        t = Table(title=f"zoo {z.name} ({z.source})")
+        for c in ("model", "recipe", "arch", "data", "epochs", "differs from baseline"):
+            t.add_column(c)
+        from ..train import Recipe
+
+        base = Recipe().to_dict()
+        for e in z.entries:
+            diff = {k: v for k, v in e.recipe.to_dict().items() if base.get(k) != v and k != "name"}
+            t.add_row(e.name, e.recipe.name, e.arch, e.data, str(e.recipe.epochs), ", ".join(f"{k}={v}" for k, v in diff.items()))
+        console.print(t)
+
+    @app.command("recipes")
+    def recipes_cmd() -> None:
+        """List the named training recipes and what each changes relative to 'baseline'."""
+        from ..train import CATEGORIES, RECIPES, Recipe
+
+        base = Recipe().to_dict()
+        t = Table(title="training recipes")
+        for c in ("recipe", "category", "changes"):
+            t.add_column(c)
+        for name in RECIPES:
+            r = RECIPES.get(name)().to_dict()
+            t.add_row(name, CATEGORIES.get(name, ""), ", ".join(f"{k}={v}" for k, v in r.items() if base[k] != v and k != "name"))
+        console.print(t)
+
+    @app.command("layers")
+    def layers_cmd(spec: str = typer.Argument(..., help="Model spec, e.g. timm:resnet18 or file:run/final.pt.")) -> None:
+        """List a model's learnable Conv2d/Linear layers: the names and labels every analysis uses."""
+        import pandas as pd
+
+        from .. import layers, load_model
+
+        print_frame(pd.DataFrame([vars(i) for i in layers(load_model(spec))]), spec)

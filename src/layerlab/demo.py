@@ -1,0 +1,71 @@
+"""`layerlab demo`: the whole toolkit end to end on the embedded digits data, offline, in minutes on a CPU.
+
+Steps run in order; each is resumable (finished runs and shards are skipped), so a killed demo re-run
+continues where it stopped. Every analysis contributes one step function ``(ctx) -> None``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from .registry import Registry
+from .store import Store, job_key
+
+DEMO_STEPS: Registry[Callable[["DemoContext"], None]] = Registry("demo step")
+ORDER: list[str] = ["zoo"]
+
+
+@dataclass
+class DemoContext:
+    out: Path
+    device: str = "cpu"
+    progress: bool = True
+    zoo_table: pd.DataFrame | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def store(self) -> Store:
+        return Store(self.out)
+
+    @property
+    def zoo_dir(self) -> Path:
+        return self.out / "zoo"
+
+
+def step(name: str):
+    """Register a demo step (in ``ORDER``) under ``name``."""
+    return DEMO_STEPS.register(name)
+
+
+@step("zoo")
+def train_demo_zoo(ctx: DemoContext) -> None:
+    """Train the demo zoo (one ResNet, many training methods) and store its per-epoch metrics."""
+    from . import runs
+    from .train import load_zoo, train_zoo
+
+    zoo = load_zoo("demo")
+    ctx.zoo_table = train_zoo(zoo, ctx.zoo_dir, device=ctx.device, progress=ctx.progress)
+    for e in zoo.entries:
+        key = job_key(e.name, "training", {"zoo": "demo", "run": str(ctx.zoo_dir / e.name)})
+        if not ctx.store.has("training", key):
+            m = runs.run_metrics(ctx.zoo_dir / e.name).assign(model=e.name, recipe=e.recipe.name, category=e.attrs.get("category"))
+            ctx.store.write("training", key, m, {"model": e.name, "recipe": e.recipe.to_dict()})
+
+
+def run_demo(out: str | Path = "layerlab-demo", *, steps: list[str] | None = None, device: str = "cpu",
+             progress: bool = True) -> DemoContext:
+    """Run the demo steps (all by default) into ``out`` and return the context with timings."""
+    ctx = DemoContext(Path(out), device=device, progress=progress)
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    for name in steps or ORDER:
+        fn = DEMO_STEPS.get(name)
+        t0 = time.time()
+        print(f"== demo step: {name}", flush=True)
+        fn(ctx)
+        ctx.timings[name] = time.time() - t0
+        print(f"   {name} done in {ctx.timings[name]:.1f} s", flush=True)
+    return ctx

@@ -1,0 +1,143 @@
+"""The results store: one Parquet shard per finished job, written atomically, queryable as one table.
+
+Layout::
+
+    OUT/shards/<analysis>/<key>.parquet     one tidy table per job; key = hash(model spec, analysis, config)
+
+A shard appears only complete (temp file in the same folder, fsync, ``os.replace``), so a crash or a kill
+never leaves a torn shard, and re-running skips every key whose shard exists. Two writers of the same key
+write identical content, and the rename makes one of them win whole.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import LayerlabError
+
+
+def atomic_write(path: Path, write: Callable[[Any], None]) -> Path:
+    """Write ``path`` via ``write(fileobj)`` to a temp file beside it, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    return atomic_write(Path(path), lambda f: f.write(text.encode()))
+
+
+def _canonical(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _canonical(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(obj, (list, tuple)):
+        return [_canonical(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def job_key(model: str, analysis: str, config: dict[str, Any]) -> str:
+    """A stable 16-hex key for (model spec, analysis, config): same inputs, same shard."""
+    blob = json.dumps(_canonical({"model": model, "analysis": analysis, "config": config}), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class Store:
+    """Parquet shards under ``root/shards/<analysis>/``; see the module docstring."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def shard(self, analysis: str, key: str) -> Path:
+        return self.root / "shards" / analysis / f"{key}.parquet"
+
+    def has(self, analysis: str, key: str) -> bool:
+        return self.shard(analysis, key).exists()
+
+    def write(self, analysis: str, key: str, frame: pd.DataFrame, meta: dict[str, Any] | None = None) -> Path:
+        """Persist one job's table atomically, with its config/versions in the Parquet metadata."""
+        table = pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False)
+        info = {"analysis": analysis, "key": key, **(meta or {}), "versions": versions()}
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"layerlab": json.dumps(_canonical(info), default=str).encode()})
+        return atomic_write(self.shard(analysis, key), lambda f: pq.write_table(table, f))
+
+    def read_shard(self, analysis: str, key: str) -> pd.DataFrame:
+        return pq.read_table(self.shard(analysis, key)).to_pandas()
+
+    def shard_meta(self, path: Path) -> dict[str, Any]:
+        raw = (pq.read_schema(path).metadata or {}).get(b"layerlab")
+        return json.loads(raw) if raw else {}
+
+    def analyses(self) -> list[str]:
+        base = self.root / "shards"
+        return sorted(d.name for d in base.iterdir() if d.is_dir() and any(d.glob("*.parquet"))) if base.is_dir() else []
+
+    def paths(self, analysis: str) -> list[Path]:
+        return sorted((self.root / "shards" / analysis).glob("*.parquet"))
+
+    def read(self, analysis: str) -> pd.DataFrame:
+        """All shards of one analysis as one table (empty frame when there are none)."""
+        paths = self.paths(analysis)
+        if not paths:
+            return pd.DataFrame()
+        return pd.concat([pq.read_table(p).to_pandas() for p in paths], ignore_index=True)
+
+    def query(self, sql: str) -> pd.DataFrame:
+        """Run DuckDB SQL where each analysis is a view named after it (dashes become underscores)."""
+        import duckdb
+
+        con = duckdb.connect()
+        try:
+            for a in self.analyses():
+                glob = str(self.root / "shards" / a / "*.parquet").replace("'", "''")
+                con.execute(f"CREATE VIEW \"{a.replace('-', '_')}\" AS SELECT * FROM read_parquet('{glob}', union_by_name=true)")
+            return con.execute(sql).df()
+        except duckdb.Error as e:
+            raise LayerlabError(f"query failed: {e}; tables here: {', '.join(self.analyses()) or 'none'}") from None
+        finally:
+            con.close()
+
+
+def run_jobs(store: Store, analysis: str, jobs: Iterable[tuple[str, dict[str, Any], Callable[[], pd.DataFrame]]]) -> list[Path]:
+    """Run each (model, config, fn) job whose shard is missing; finished shards are skipped, never recomputed."""
+    out = []
+    for model, config, fn in jobs:
+        key = job_key(model, analysis, config)
+        if not store.has(analysis, key):
+            store.write(analysis, key, fn(), {"model": model, "config": config})
+        out.append(store.shard(analysis, key))
+    return out
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that shape results, for provenance in shards and reports."""
+    import platform
+
+    import torch
+
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("torchvision", "timm", "layerlab"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # optional
+            pass
+    return out
