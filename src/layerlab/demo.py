@@ -16,7 +16,7 @@ from .registry import Registry
 from .store import Store, job_key
 
 DEMO_STEPS: Registry[Callable[["DemoContext"], None]] = Registry("demo step")
-ORDER: list[str] = ["zoo"]
+ORDER: list[str] = ["zoo", "tract"]
 
 
 @dataclass
@@ -69,3 +69,21 @@ def run_demo(out: str | Path = "layerlab-demo", *, steps: list[str] | None = Non
         ctx.timings[name] = time.time() - t0
         print(f"   {name} done in {ctx.timings[name]:.1f} s", flush=True)
     return ctx
+
+
+@step("tract")
+def tract_vs_vanilla(ctx: DemoContext) -> None:
+    """TrAct vs vanilla (SGD and Adam, 3 seeds) on a 500-image digits subset: accuracy-vs-epoch curves."""
+    from . import tract_study
+
+    config = {"budgets": [6], "seeds": [0, 1, 2], "optimizers": ["sgd", "adam"], "train_n": 500, "lam": 0.1}
+    key = job_key(tract_study.DEMO_ARCH, "tract", config)
+    if not ctx.store.has("tract", key):
+        curves = tract_study.epochs_to_accuracy(ctx.out / "tract-runs", budgets=config["budgets"], seeds=config["seeds"],
+                                                optimizers=config["optimizers"], train_n=config["train_n"],
+                                                lam=config["lam"], device=ctx.device, progress=ctx.progress)
+        ctx.store.write("tract", key, curves, {"model": tract_study.DEMO_ARCH, "config": config})
+    curves = ctx.store.read_shard("tract", key)
+    tract_study.plot_curves(curves, ctx.out / "figures" / "tract" / "tract_vs_vanilla")
+    summary = tract_study.summarize(curves)
+    print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
