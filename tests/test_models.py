@@ -99,6 +99,8 @@ def test_file_whole_module_and_bare_state_dict(tmp_path):
     torch.save(net, tmp_path / "whole.pt")
     m = load_model(f"file:{tmp_path / 'whole.pt'}")
     assert isinstance(m, nn.Sequential)
+    with pytest.raises(LayerlabError, match="no architecture spec"):
+        fresh_model(m, 0)  # never silently "fresh" = the saved weights
     torch.save(net.state_dict(), tmp_path / "sd.pt")
     with pytest.raises(LayerlabError, match="bare state_dict"):
         load_model(f"file:{tmp_path / 'sd.pt'}")

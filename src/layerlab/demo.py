@@ -16,7 +16,9 @@ from .registry import Registry
 from .store import Store, job_key
 
 DEMO_STEPS: Registry[Callable[["DemoContext"], None]] = Registry("demo step")
-ORDER: list[str] = ["zoo", "tract"]
+ORDER: list[str] = ["zoo", "criticality", "tract", "invariance"]
+# Analysis modules that register their own demo step (imported lazily: they import this module).
+STEP_MODULES: list[str] = ["layerlab.invariance"]
 
 
 @dataclass
@@ -59,6 +61,10 @@ def train_demo_zoo(ctx: DemoContext) -> None:
 def run_demo(out: str | Path = "layerlab-demo", *, steps: list[str] | None = None, device: str = "cpu",
              progress: bool = True) -> DemoContext:
     """Run the demo steps (all by default) into ``out`` and return the context with timings."""
+    import importlib
+
+    for module in STEP_MODULES:
+        importlib.import_module(module)
     ctx = DemoContext(Path(out), device=device, progress=progress)
     ctx.out.mkdir(parents=True, exist_ok=True)
     for name in steps or ORDER:
@@ -69,6 +75,18 @@ def run_demo(out: str | Path = "layerlab-demo", *, steps: list[str] | None = Non
         ctx.timings[name] = time.time() - t0
         print(f"   {name} done in {ctx.timings[name]:.1f} s", flush=True)
     return ctx
+
+
+@step("criticality")
+def criticality_of_zoo(ctx: DemoContext) -> None:
+    """Gavrikov et al.'s layer criticality for every zoo model (364 test images, 3 trials) and its figures."""
+    from .criticality import demo_step
+
+    attrs = pd.read_csv(ctx.zoo_dir / "zoo.csv")
+    demo_step(ctx.zoo_dir, ctx.out, attrs, threads=1)
+    summary = pd.read_csv(ctx.out / "criticality_summary.csv")
+    avg = summary.groupby("model")["criticality"].mean().sort_values()
+    print("average criticality (%):", ", ".join(f"{m} {v:.1f}" for m, v in avg.items()))
 
 
 @step("tract")

@@ -119,7 +119,8 @@ def load_model(spec: str, *, num_classes: int | None = None, device: str | torch
     model = MODEL_SOURCES.get(parsed.source)(parsed.name, parsed.weights, kwargs)
     model.layerlab_spec = spec
     if not hasattr(model, "layerlab_arch"):
-        model.layerlab_arch = str(ModelSpec(parsed.source, parsed.name, None, _arch_kwargs(kwargs)))
+        # A whole module saved with torch.save carries no architecture spec: no fresh instance can be made of it.
+        model.layerlab_arch = None if parsed.source == "file" else str(ModelSpec(parsed.source, parsed.name, None, _arch_kwargs(kwargs)))
     return model.to(device).eval()
 
 
@@ -132,8 +133,9 @@ def fresh_model(model_or_arch: nn.Module | str, seed: int, device: str | torch.d
     arch = model_or_arch if isinstance(model_or_arch, str) else getattr(model_or_arch, "layerlab_arch", None)
     if arch is None:
         raise LayerlabError(
-            "cannot build a fresh instance of this model: it was not loaded through layerlab.load_model; "
-            "load it with a spec (timm:/torchvision:/file:) or set model.layerlab_arch = 'timm:NAME?kwargs'"
+            "cannot build a fresh instance of this model: it has no architecture spec (not loaded by a timm:/torchvision: "
+            "spec or from a layerlab checkpoint); set model.layerlab_arch = 'timm:NAME?kwargs' or save it with "
+            "layerlab.save_checkpoint"
         )
     if device is None and isinstance(model_or_arch, nn.Module):
         device = next(iter(model_or_arch.parameters())).device

@@ -26,7 +26,7 @@ app = typer.Typer(
 )
 
 # One module per command family; each adds its commands to ``app``.
-COMMAND_MODULES = ["train", "results", "demo", "sweep"]
+COMMAND_MODULES = ["train", "results", "demo", "criticality", "dynamics", "invariance", "sweep"]
 for _name in COMMAND_MODULES:
     importlib.import_module(f"{__name__}.{_name}").register(app)
 

@@ -1,0 +1,107 @@
+"""`layerlab dynamics RUN_DIR` (representations over training) and `layerlab compare SPEC_A SPEC_B` (layer x layer CKA)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ._common import print_frame, set_threads
+
+
+def _split_list(items: list[str]) -> list[str]:
+    """['a,b', 'c'] -> ['a', 'b', 'c'] (repeatable and comma-separated both work)."""
+    return [p.strip() for item in items for p in item.split(",") if p.strip()]
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("dynamics")
+    def dynamics_cmd(
+        run: Path = typer.Argument(..., help="A training run folder (run.json + checkpoints/), e.g. from `layerlab train`."),
+        out: Path = typer.Option(..., "--out", "-o", help="Output folder: shards/dynamics-*/ and figures/dynamics/<run>/. Re-running resumes."),
+        data: Optional[str] = typer.Option(None, "--data", "-d", help="Data spec of the probe images (default: the run's own)."),
+        layers: list[str] = typer.Option([], "--layers", "-l", help="Module names (repeatable or comma-separated); default: stem, residual blocks, head. 'output' = the logits."),
+        epochs: list[str] = typer.Option([], "--epochs", help="Only these checkpoints (comma-separated epochs)."),
+        max_checkpoints: Optional[int] = typer.Option(None, "--max-checkpoints", help="Keep at most this many checkpoints, log-spaced."),
+        images: int = typer.Option(512, "--images", "-n", help="CKA probe images (test split), trimmed to whole batches."),
+        batch_size: int = typer.Option(64, "--batch-size", help="Minibatch size of the unbiased CKA estimator."),
+        triplets: int = typer.Option(500, "--triplets", help="Planes (triplets of training images) for decision-region similarity."),
+        resolution: int = typer.Option(50, "--resolution", help="Grid points per plane axis."),
+        probe_train: Optional[int] = typer.Option(1000, "--probe-train", help="Training images to fit the probes on."),
+        probe_pool: int = typer.Option(2, "--probe-pool", help="Average-pool conv maps to s x s for the probes (0: flatten all)."),
+        regions: list[str] = typer.Option([], "--regions", help="Also plot decision regions at these epochs (comma-separated)."),
+        seed: int = typer.Option(0, help="Seed of the probe images and triplets."),
+        device: str = typer.Option("cpu", help="cpu or cuda."),
+        threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+    ) -> None:
+        """How each layer's representation evolves over training (Sharon & Dar 2024): checkpoint x checkpoint CKA,
+        linear probes per checkpoint, and decision-region similarity of the probes and of the network.
+
+        Example: layerlab dynamics runs/resnet-sgd --out dyn --layers layer1.1,layer2.1,layer3.1,layer4.1 --triplets 50 --resolution 30
+        """
+        from ..dynamics import decision_regions, dynamics
+        from ..plots.dynamics import decision_regions as plot_regions
+        from ..plots.dynamics import save_dynamics, save_figure
+        from ..store import Store
+
+        set_threads(threads)
+        tables = dynamics(run, data, store=Store(out), device=device, progress=True, layers=_split_list(layers) or None,
+                          epochs=[int(e) for e in _split_list(epochs)] or None, max_checkpoints=max_checkpoints,
+                          images=images, batch_size=batch_size, triplets=triplets, resolution=resolution,
+                          probe_train=probe_train, probe_pool=probe_pool, seed=seed)
+        fig_dir = out / "figures" / "dynamics" / run.name
+        paths = save_dynamics(tables, fig_dir)
+        if regions:
+            r = decision_regions(run, data, epochs=[int(e) for e in _split_list(regions)], layers=_split_list(layers) or None,
+                                 resolution=100, probe_train=probe_train, probe_pool=probe_pool, seed=seed, device=device)
+            paths += save_figure(plot_regions(r["regions"], r["anchors"]), fig_dir, "dynamics_regions")
+        cka = tables["cka"]
+        summary = cka[cka["epoch_a"] != cka["epoch_b"]].groupby(["layer", "label"], sort=False)["cka"].agg(["min", "mean"])
+        drs = tables["drs"]
+        summary["drs_min"] = drs[drs["epoch_a"] != drs["epoch_b"]].groupby("layer", sort=False)["drs"].min()
+        probes = tables["probes"]
+        if not probes.empty:
+            last = probes[probes["epoch"] == probes["epoch"].max()].set_index("layer")["test_acc"]
+            summary["probe_test_acc_last"] = last
+        print_frame(summary.reset_index().rename(columns={"min": "cka_min", "mean": "cka_mean"}),
+                    f"{run.name}: {cka['estimator'].iloc[0]} minibatch CKA between checkpoints (off-diagonal)")
+        typer.echo(f"figures: {', '.join(str(p) for p in paths if p.suffix == '.png')}")
+        typer.echo(f"tables: layerlab results {out} --analysis dynamics-cka (also dynamics-probes, dynamics-drs)")
+
+    @app.command("compare")
+    def compare_cmd(
+        spec_a: str = typer.Argument(..., help="Model A spec: file:run/final.pt, timm:..., torchvision:..."),
+        spec_b: str = typer.Argument(..., help="Model B spec."),
+        out: Path = typer.Option(..., "--out", "-o", help="Output folder: shards/compare/ and figures/compare/."),
+        data: str = typer.Option("digits", "--data", "-d", help="Data spec of the probe images."),
+        layers_a: list[str] = typer.Option([], "--layers-a", help="Model A modules (default: stem, residual blocks, head, output)."),
+        layers_b: list[str] = typer.Option([], "--layers-b", help="Model B modules (default likewise)."),
+        images: int = typer.Option(512, "--images", "-n", help="Probe images (test split), trimmed to whole batches."),
+        batch_size: int = typer.Option(64, "--batch-size", help="Minibatch size of the unbiased CKA estimator."),
+        estimator: str = typer.Option("unbiased", help="unbiased (minibatch HSIC_1) or biased (HSIC_0 per batch)."),
+        seed: int = typer.Option(0),
+        device: str = typer.Option("cpu"),
+        threads: Optional[int] = typer.Option(None),
+    ) -> None:
+        """Layer x layer CKA between two models on the same images: a heatmap and a table.
+
+        Example: layerlab compare file:zoo/resnet-sgd/final.pt file:zoo/resnet-adam/final.pt --out cmp
+        """
+        from ..dynamics import compare
+        from ..plots.dynamics import layer_heatmap, save_figure
+        from ..store import Store, job_key
+
+        set_threads(threads)
+        config = {"data": data, "layers_a": _split_list(layers_a), "layers_b": _split_list(layers_b), "images": images,
+                  "batch_size": batch_size, "estimator": estimator, "seed": seed}
+        store = Store(out)
+        key = job_key(f"{spec_a} | {spec_b}", "compare", config)
+        if not store.has("compare", key):
+            frame = compare(spec_a, spec_b, data, layers_a=config["layers_a"] or None, layers_b=config["layers_b"] or None,
+                            images=images, batch_size=batch_size, estimator=estimator, seed=seed, device=device)
+            store.write("compare", key, frame, {"model": f"{spec_a} | {spec_b}", "config": config})
+        frame = store.read_shard("compare", key)
+        paths = save_figure(layer_heatmap(frame), out / "figures" / "compare", f"compare_{key}")
+        wide = frame.pivot_table(index="label_a", columns="label_b", values="cka", sort=False).reset_index()
+        print_frame(wide, f"{frame['estimator'].iloc[0]} minibatch CKA (rows: A, columns: B), n={int(frame['n'].iloc[0])}")
+        typer.echo(f"figure: {paths[0]}")

@@ -1,0 +1,68 @@
+"""`layerlab sweep SWEEP.yaml` (jobs on the local or a Ray engine) and `layerlab report DIR` (one HTML page)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ._common import print_frame, set_threads
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("sweep")
+    def sweep_cmd(
+        sweep: str = typer.Argument(..., help="Sweep YAML file (or a built-in sweep: demo)."),
+        out: Path = typer.Option(..., "--out", "-o", help="Output folder: shards/, zoo/, failed/. Re-running resumes."),
+        engine: str = typer.Option("local", "--engine", "-e", help="local (in this process) or ray (Ray tasks)."),
+        address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to use: auto, HOST:PORT or ray://HOST:10001 (default: start a local one)."),
+        retries: Optional[int] = typer.Option(None, "--retries", help="Extra attempts per failing job (default: the sweep file's 'retries', else 1)."),
+        cpus: Optional[int] = typer.Option(None, "--cpus", help="CPUs of the local Ray cluster this starts (default: all)."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="List the jobs and their status; run nothing."),
+        threads: Optional[int] = typer.Option(None, help="torch CPU threads of this process (jobs use their num_cpus)."),
+    ) -> None:
+        """Expand a sweep into jobs (train a zoo, then analyse every model) and run those not finished yet.
+
+        Each job writes one shard atomically; a failing job is retried, then recorded in OUT/failed/.
+
+        The other jobs go on; the exit status is 1 if any job failed. Examples:
+
+          layerlab sweep demo --out sweep-out
+
+          layerlab sweep my-sweep.yaml --out /shared/out --engine ray --address auto
+        """
+        from ..sweep import load_sweep, plan, run_sweep
+
+        set_threads(threads)
+        s = load_sweep(sweep)
+        if dry_run:
+            print_frame(plan(s, out), f"sweep {s.name}: jobs in {out}", max_rows=500)
+            return
+        options = {"address": address} if engine == "ray" or address else {}
+        if cpus is not None:
+            options["num_cpus"] = cpus
+        result = run_sweep(s, out, engine=engine, retries=retries, **options)
+        counts = ", ".join(f"{n} {st}" for st in ("done", "cached", "failed", "blocked") if (n := result.count(st)))
+        typer.echo(f"sweep {s.name}: {len(result.outcomes)} jobs ({counts or 'none'}); results: {out}")
+        if not result.ok:
+            print_frame(result.failed[["kind", "model", "key", "status", "error"]], "failed jobs (details in OUT/failed/)")
+            typer.echo("fix the cause and re-run the same command: finished jobs are kept, failed ones are retried")
+            raise typer.Exit(1)
+        typer.echo(f"query: layerlab results {out}    report: layerlab report {out}")
+
+    @app.command("report")
+    def report_cmd(
+        out: Path = typer.Argument(..., help="An output folder (of `layerlab demo`, `sweep`, an analysis)."),
+        html: Optional[Path] = typer.Option(None, "--html", help="Where to write the page (default OUT/report.html)."),
+        rows: int = typer.Option(200, "--rows", help="Rows shown per table before it is cut (the full data stays in the shards)."),
+    ) -> None:
+        """Write one self-contained HTML page of an output folder (OUT/report.html).
+
+        Figures, sortable tables, configs and versions, failed jobs, and the criticality/accuracy correlation.
+
+        The page needs no network: it opens offline in any browser.
+        """
+        from ..report import write_report
+
+        path = write_report(out, html, max_rows=rows)
+        typer.echo(f"report: {path}")

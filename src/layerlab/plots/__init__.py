@@ -1,0 +1,1 @@
+"""Figures from layerlab result tables (matplotlib, Agg; PNG and SVG)."""

@@ -1,0 +1,322 @@
+"""Figures of layer criticality, drawn from the summary table (:func:`layerlab.criticality.summarize`).
+
+Gavrikov, Agnihotri, Keuper, Keuper 2024 (arXiv 2410.14470): (1) :func:`heatmap` layers x models;
+(2) :func:`vs_attribute` average criticality vs a numeric training attribute (attack budget); (3) :func:`vs_accuracy`
+average criticality vs accuracy with Spearman's rho, coloured by training category; (4) :func:`diff_to_baseline`;
+(5) :func:`std_heatmap`, the spread over trials. Zhang, Bengio, Singer 2022: :func:`checkpoint_heatmap`, test error
+after resetting each layer (or block) to fresh weights and to each checkpoint.
+
+Every function takes tables and returns a ``matplotlib.figure.Figure`` built without pyplot (no global state,
+Agg canvas); :func:`save_all` writes every figure the tables support as PNG and SVG.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from ..criticality import average_criticality
+from ..errors import LayerlabError
+
+_CATEGORY_COLOURS = (
+    "#4477AA", "#EE6677", "#228833", "#CCBB44", "#66CCEE", "#AA3377", "#BBBBBB", "#000000", "#EE7733", "#009988",
+)
+
+
+def _need(frame: pd.DataFrame, columns: Sequence[str], what: str) -> None:
+    if missing := [c for c in columns if c not in frame.columns]:
+        raise LayerlabError(
+            f"{what}: the table lacks columns {missing} (has {list(frame.columns)}); pass the summary from "
+            "layerlab.criticality.summarize(table) or DIR/criticality_summary.csv"
+        )
+
+
+def _mode_rows(summary: pd.DataFrame, mode: str) -> pd.DataFrame:
+    if "mode" not in summary.columns:
+        return summary
+    rows = summary[summary["mode"] == mode]
+    if rows.empty:
+        raise LayerlabError(f"the summary holds no rows of mode {mode!r}; it has {sorted(summary['mode'].unique())}")
+    return rows
+
+
+def layer_matrix(
+    summary: pd.DataFrame, value: str = "criticality", *, mode: str = "randomize", models: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """Pivot a summary to layers (rows, forward order, labelled) x models (columns, table order)."""
+    _need(summary, ["model", "layer", "label", value], "layer_matrix")
+    rows = _mode_rows(summary, mode)
+    order = list(dict.fromkeys(rows["model"])) if models is None else list(models)
+    if unknown := [m for m in order if m not in set(rows["model"])]:
+        raise LayerlabError(f"models {unknown} are not in the summary; it has {sorted(set(rows['model']))}")
+    sort = ["index", "layer"] if "index" in rows.columns else ["layer"]
+    layers = rows.sort_values(sort, kind="stable").drop_duplicates("layer")[["layer", "label"]]
+    matrix = rows.pivot_table(index="layer", columns="model", values=value, aggfunc="mean", dropna=False)
+    matrix = matrix.reindex(index=layers["layer"], columns=order)
+    matrix.index = pd.Index(layers["label"].tolist(), name="layer")
+    return matrix
+
+
+def _short(name: str, width: int = 24) -> str:
+    """Model names can be whole specs; keep tick labels readable (head ... tail)."""
+    return name if len(name) <= width else name[: width // 2 - 1] + "..." + name[-(width // 2 - 2):]
+
+
+def _draw_matrix(
+    matrix: pd.DataFrame, title: str, cbar: str, *, cmap: str, vmin: float | None, vmax: float | None, fmt: str = "{:.0f}"
+) -> Figure:
+    rows, cols = matrix.shape
+    fig = Figure(figsize=(max(4.5, 0.55 * cols + 3.2), max(3.0, 0.26 * rows + 1.6)), layout="constrained")
+    ax = fig.add_subplot()
+    values = matrix.to_numpy(dtype=float)
+    im = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
+    ax.set_xticks(range(cols), [_short(str(c)) for c in matrix.columns], rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(rows), [str(r) for r in matrix.index], fontsize=7)
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, label=cbar, shrink=0.8)
+    if rows * cols <= 600:
+        for (i, j), v in np.ndenumerate(values):
+            if math.isfinite(v):
+                r, g, b, _ = im.cmap(im.norm(v))
+                dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5  # text colour from the cell's luminance
+                ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=6, color="white" if dark else "black")
+    return fig
+
+
+def heatmap(
+    summary: pd.DataFrame, *, mode: str = "randomize", models: Sequence[str] | None = None, title: str | None = None
+) -> Figure:
+    """Fig. 1: criticality (%) of every layer (rows) in every model (columns)."""
+    matrix = layer_matrix(summary, "criticality", mode=mode, models=models)
+    return _draw_matrix(matrix, title or f"Layer criticality ({mode})", "criticality [%]", cmap="viridis",
+                        vmin=0, vmax=100)
+
+
+def std_heatmap(
+    summary: pd.DataFrame, *, mode: str = "randomize", models: Sequence[str] | None = None, title: str | None = None
+) -> Figure:
+    """Fig. 5: standard deviation of criticality over trials (ddof=1), per layer and model."""
+    matrix = layer_matrix(summary, "std", mode=mode, models=models)
+    vmax = float(np.nanmax(matrix.to_numpy(dtype=float))) if np.isfinite(matrix.to_numpy(dtype=float)).any() else 1.0
+    return _draw_matrix(matrix, title or "Criticality: std over trials", "std [% points]", cmap="magma",
+                        vmin=0, vmax=max(vmax, 1e-9), fmt="{:.1f}")
+
+
+def diff_to_baseline(
+    summary: pd.DataFrame, baseline: str = "baseline", *, mode: str = "randomize", models: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Fig. 4: criticality minus the baseline model's, per layer (blue: less critical, red: more)."""
+    matrix = layer_matrix(summary, "criticality", mode=mode, models=models)
+    if baseline not in matrix.columns:
+        full = layer_matrix(summary, "criticality", mode=mode)
+        if baseline not in full.columns:
+            raise LayerlabError(f"baseline model {baseline!r} is not in the summary; models: {list(full.columns)}")
+        matrix[baseline] = full[baseline]
+    diff = matrix.sub(matrix[baseline], axis=0).drop(columns=baseline)
+    if diff.shape[1] == 0:
+        raise LayerlabError("diff_to_baseline needs at least one model besides the baseline")
+    finite = diff.to_numpy(dtype=float)
+    lim = float(np.nanmax(np.abs(finite))) if np.isfinite(finite).any() else 1.0
+    lim = max(lim, 1e-9)
+    return _draw_matrix(diff, title or f"Criticality minus {baseline!r}", "difference [% points]", cmap="RdBu_r",
+                        vmin=-lim, vmax=lim, fmt="{:+.0f}")
+
+
+def _with_attrs(summary: pd.DataFrame, attrs: pd.DataFrame | None, mode: str) -> pd.DataFrame:
+    avg = average_criticality(_mode_rows(summary, mode), mode=mode)
+    if "base_accuracy" in summary.columns:
+        base = _mode_rows(summary, mode).groupby("model", sort=False)["base_accuracy"].mean().reset_index()
+        avg = avg.merge(base, on="model", how="left")
+    if attrs is not None:
+        _need(attrs, ["model"], "attrs")
+        avg = avg.merge(attrs.drop(columns=[c for c in ("criticality",) if c in attrs.columns]), on="model", how="left")
+    return avg
+
+
+def _categories(table: pd.DataFrame, category: str) -> pd.Series:
+    if category not in table.columns:
+        return pd.Series("all", index=table.index)
+    return table[category].fillna("other").astype(str)
+
+
+def _colours(categories: Sequence[str]) -> dict[str, str]:
+    return {c: _CATEGORY_COLOURS[k % len(_CATEGORY_COLOURS)] for k, c in enumerate(dict.fromkeys(categories))}
+
+
+def vs_attribute(
+    summary: pd.DataFrame, attrs: pd.DataFrame, attribute: str = "budget", *, category: str = "category",
+    mode: str = "randomize", title: str | None = None,
+) -> Figure:
+    """Fig. 2: average criticality vs a numeric training attribute (e.g. adversarial attack budget), one line per
+    category; models without a value for the attribute are left out."""
+    _need(attrs, ["model", attribute], "vs_attribute attrs")
+    table = _with_attrs(summary, attrs, mode)
+    table = table[pd.to_numeric(table[attribute], errors="coerce").notna()].copy()
+    if table.empty:
+        raise LayerlabError(f"no model in the summary has a numeric {attribute!r} in attrs")
+    table[attribute] = pd.to_numeric(table[attribute])
+    cats = _categories(table, category)
+    fig = Figure(figsize=(5.2, 3.8), layout="constrained")
+    ax = fig.add_subplot()
+    for cat, colour in _colours(cats.tolist()).items():
+        part = table[cats == cat].sort_values(attribute)
+        ax.plot(part[attribute], part["criticality"], "o-", color=colour, label=cat)
+        for _, r in part.iterrows():
+            ax.annotate(str(r["model"]), (r[attribute], r["criticality"]), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.set_xlabel(attribute)
+    ax.set_ylabel("average criticality [%]")
+    ax.set_title(title or f"Average criticality vs {attribute}", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def spearman(summary: pd.DataFrame, attrs: pd.DataFrame | None = None, accuracy: str = "accuracy", *,
+             mode: str = "randomize", exclude: Sequence[str] = ()) -> tuple[float, float, int]:
+    """Spearman's rho (and p) between average criticality and accuracy over models, leaving out categories
+    ``exclude`` (the paper: -0.46 over all 50 models, -0.17 without the adversarially trained ones)."""
+    from scipy.stats import spearmanr
+
+    table = _accuracy_table(summary, attrs, accuracy, mode)
+    if exclude and "category" in table.columns:
+        table = table[~table["category"].isin(list(exclude))]
+    if len(table) < 3 or table["criticality"].nunique() < 2 or table["_acc"].nunique() < 2:
+        return math.nan, math.nan, len(table)
+    res = spearmanr(table["criticality"], table["_acc"])
+    return float(res.statistic), float(res.pvalue), len(table)
+
+
+def _accuracy_table(summary: pd.DataFrame, attrs: pd.DataFrame | None, accuracy: str, mode: str) -> pd.DataFrame:
+    table = _with_attrs(summary, attrs, mode)
+    if accuracy in table.columns and pd.to_numeric(table[accuracy], errors="coerce").notna().any():
+        table["_acc"] = pd.to_numeric(table[accuracy], errors="coerce")
+    elif "base_accuracy" in table.columns:
+        table["_acc"] = table["base_accuracy"]
+    else:
+        raise LayerlabError(f"no accuracy: attrs lacks {accuracy!r} and the summary lacks base_accuracy")
+    return table[table["_acc"].notna()]
+
+
+def vs_accuracy(
+    summary: pd.DataFrame, attrs: pd.DataFrame | None = None, accuracy: str = "accuracy", *, category: str = "category",
+    mode: str = "randomize", title: str | None = None,
+) -> Figure:
+    """Fig. 3: average criticality vs accuracy, coloured by training category, with Spearman's rho in the title.
+
+    Accuracy comes from ``attrs[accuracy]`` when given, else from the summary's ``base_accuracy`` (the model's
+    accuracy on the criticality images).
+    """
+    table = _accuracy_table(summary, attrs, accuracy, mode)
+    rho, p, n = spearman(summary, attrs, accuracy, mode=mode)
+    cats = _categories(table, category)
+    fig = Figure(figsize=(5.2, 3.8), layout="constrained")
+    ax = fig.add_subplot()
+    for cat, colour in _colours(cats.tolist()).items():
+        part = table[cats == cat]
+        ax.scatter(part["_acc"], part["criticality"], color=colour, label=cat, s=28)
+        for _, r in part.iterrows():
+            ax.annotate(str(r["model"]), (r["_acc"], r["criticality"]), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.set_xlabel(accuracy if accuracy in table.columns else "accuracy on the criticality images")
+    ax.set_ylabel("average criticality [%]")
+    rho_text = f"Spearman rho = {rho:+.2f} (p = {p:.2g}, n = {n})" if math.isfinite(rho) else "Spearman rho: n/a"
+    ax.set_title(title or f"Average criticality vs accuracy\n{rho_text}", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def checkpoint_matrix(summary: pd.DataFrame, model: str | None = None) -> pd.DataFrame:
+    """Zhang et al.'s table: test error (%) after the reset, rows = units, columns = random then each epoch."""
+    _need(summary, ["model", "layer", "label", "mode", "epoch", "accuracy"], "checkpoint_matrix")
+    model = model or str(summary["model"].iloc[0])
+    rows = summary[summary["model"] == model]
+    if rows.empty:
+        raise LayerlabError(f"model {model!r} is not in the summary; it has {sorted(set(summary['model']))}")
+    if not rows["mode"].isin(["reinit", "checkpoint"]).any():
+        raise LayerlabError(f"model {model!r} has no reinit/checkpoint rows; run with --mode checkpoint --run RUN_DIR")
+
+    def column(r: pd.Series) -> str:
+        if r["mode"] == "randomize":
+            return "random"
+        return f"epoch {int(r['epoch'])}" + (" (reinit)" if r["mode"] == "reinit" else "")
+
+    rows = rows.assign(column=rows.apply(column, axis=1), error=100.0 * (1.0 - rows["accuracy"]))
+    epochs = sorted({int(e) for e in rows["epoch"].dropna()})
+    cols = ["random"] * bool((rows["mode"] == "randomize").any())
+    for e in epochs:
+        cols += [c for c in (f"epoch {e} (reinit)", f"epoch {e}") if c in set(rows["column"])]
+    sort = ["index", "layer"] if "index" in rows.columns else ["layer"]
+    units = rows.sort_values(sort, kind="stable").drop_duplicates("layer")[["layer", "label"]]
+    matrix = rows.pivot_table(index="layer", columns="column", values="error", aggfunc="mean").reindex(
+        index=units["layer"], columns=cols
+    )
+    matrix.index = pd.Index(units["label"].tolist(), name="layer")
+    return matrix
+
+
+def checkpoint_heatmap(summary: pd.DataFrame, model: str | None = None, *, title: str | None = None) -> Figure:
+    """Zhang et al. 2022: test error (%) after resetting each unit to fresh weights ("random") or to each checkpoint."""
+    matrix = checkpoint_matrix(summary, model)
+    name = model or str(summary["model"].iloc[0])
+    return _draw_matrix(matrix, title or f"Test error after reset: {name}", "test error [%]", cmap="viridis_r",
+                        vmin=0, vmax=100)
+
+
+def save_figure(fig: Figure, path: str | Path, formats: Sequence[str] = ("png", "svg")) -> list[Path]:
+    """Write ``fig`` as ``path.<fmt>`` for each format; returns the paths."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = []
+    for fmt in formats:
+        p = path.with_suffix(f".{fmt}")
+        fig.savefig(p, dpi=150)
+        out.append(p)
+    return out
+
+
+def save_all(
+    summary: pd.DataFrame,
+    out_dir: str | Path,
+    attrs: pd.DataFrame | None = None,
+    *,
+    baseline: str = "baseline",
+    attribute: str = "budget",
+    formats: Sequence[str] = ("png", "svg"),
+) -> list[Path]:
+    """Every figure the tables support, as ``out_dir/criticality_<figure>.<fmt>``; returns the paths written.
+
+    Heatmap and std heatmap always (given randomize rows); the difference figure when ``baseline`` is a model
+    and there is another; vs-attribute when ``attrs`` gives some model a numeric ``attribute``; vs-accuracy with
+    at least two models; the checkpoint heatmap for every model with checkpoint rows.
+    """
+    out_dir = Path(out_dir)
+    paths: list[Path] = []
+    modes = set(summary["mode"]) if "mode" in summary.columns else {"randomize"}
+    models = list(dict.fromkeys(summary["model"]))
+    if "randomize" in modes:
+        paths += save_figure(heatmap(summary), out_dir / "criticality_heatmap", formats)
+        paths += save_figure(std_heatmap(summary), out_dir / "criticality_std", formats)
+        if baseline in models and len(models) > 1:
+            paths += save_figure(diff_to_baseline(summary, baseline), out_dir / "criticality_diff", formats)
+        if attrs is not None and attribute in attrs.columns:
+            numeric = pd.to_numeric(attrs.loc[attrs["model"].isin(models), attribute], errors="coerce")
+            if numeric.notna().any():
+                fig = vs_attribute(summary, attrs, attribute)
+                paths += save_figure(fig, out_dir / f"criticality_vs_{attribute}", formats)
+        if len(models) > 1:
+            paths += save_figure(vs_accuracy(summary, attrs), out_dir / "criticality_vs_accuracy", formats)
+    if modes & {"reinit", "checkpoint"}:
+        for m in models:
+            rows = summary[summary["model"] == m]
+            if rows["mode"].isin(["reinit", "checkpoint"]).any():
+                suffix = "" if len(models) == 1 else "_" + "".join(ch if ch.isalnum() else "_" for ch in m)
+                fig = checkpoint_heatmap(summary, m)
+                paths += save_figure(fig, out_dir / f"criticality_checkpoints{suffix}", formats)
+    return paths

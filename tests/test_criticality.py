@@ -1,0 +1,545 @@
+"""Layer criticality (Gavrikov et al. 2024), Zhang et al. 2022 resets and Chatterji et al. 2020 module criticality.
+
+Small models and few images keep the file fast; the hand computations use plain matrix products on a 3-layer MLP
+whose layers carry ResNet-style names (``layer1.0.conv1``) so that block units exist.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import typer
+from torch import nn
+from typer.testing import CliRunner
+
+import layerlab.criticality as crit
+from layerlab import fresh_model, layers, load_data, load_model, save_checkpoint
+from layerlab.errors import LayerlabError, NonFiniteError
+from layerlab.store import Store
+
+SPEC = "timm:resnet18?channels=8,16,32,64&stem_width=8&num_classes=10"
+DATA = "digits?size=16"
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: one thread is fastest, and on a shared machine far faster than two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_data(DATA, "test", n=40, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained() -> nn.Module:
+    """A tiny ResNet that behaves like a trained one, built in well under a second: BatchNorm scales set to 1
+    (timm zero-inits the last one of each block, which would make those blocks inert), running statistics from
+    digits, and a softmax-regression head fitted on the pooled features."""
+    torch.manual_seed(1234)  # not 0..2: those seeds are the fresh instances of trials 0..2
+    model = load_model(SPEC)
+    train = load_data(DATA, "train")
+    x = train.float()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.fill_(1.0)
+                m.momentum = None  # cumulative average: one pass sets the statistics of these images
+                m.reset_running_stats()
+        model.train()
+        model(x)
+        model.eval()
+        feats = model.forward_head(model.forward_features(x), pre_logits=True)
+    head = nn.Linear(feats.shape[1], 10)
+    opt = torch.optim.Adam(head.parameters(), lr=0.05, weight_decay=1e-3)
+    mean, scale = feats.mean(0), 1.0 / (feats.std(0) + 1e-6)
+    z = (feats - mean) * scale
+    for _ in range(200):
+        opt.zero_grad()
+        nn.functional.cross_entropy(head(z), train.labels).backward()
+        opt.step()
+    with torch.no_grad():  # fold the standardisation into the head
+        model.fc.weight.copy_(head.weight * scale)
+        model.fc.bias.copy_(head.bias - (head.weight * scale) @ mean)
+    return model
+
+
+def _mlp() -> nn.Sequential:
+    block = nn.Sequential(OrderedDict(conv1=nn.Linear(192, 16), act=nn.ReLU(), conv2=nn.Linear(16, 16)))
+    return nn.Sequential(OrderedDict(
+        flatten=nn.Flatten(), layer1=nn.Sequential(OrderedDict({"0": block})), act=nn.ReLU(), fc=nn.Linear(16, 10)
+    ))
+
+
+@pytest.fixture(scope="module")
+def mlp_run(tmp_path_factory) -> Path:
+    """A training run of the MLP on 8x8 digits with checkpoints at epochs 0 (init), 1 and 2 (final)."""
+    root = tmp_path_factory.mktemp("mlp")
+    torch.manual_seed(0)
+    net = _mlp()
+    torch.save(net, root / "arch.pt")
+    net.layerlab_arch = "file:" + str(root / "arch.pt")
+    run = root / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"arch": net.layerlab_arch, "data": "digits?size=8"}))
+    train = load_data("digits?size=8", "train")
+    x, y = train.float(), train.labels
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    for epoch in range(3):
+        save_checkpoint(net, run / "checkpoints" / f"epoch_{epoch:04d}.pt", epoch=epoch)
+        for _ in range(60):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+    save_checkpoint(net, run / "checkpoints" / "epoch_0003.pt", epoch=3)
+    save_checkpoint(net, run / "final.pt", epoch=3)
+    return run
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=False)["state_dict"]
+
+
+def _mlp_logits(x: torch.Tensor, s: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The MLP's forward pass written out by hand (float64)."""
+    d = {k: v.double() for k, v in s.items()}
+    h = torch.relu(x.double().flatten(1) @ d["layer1.0.conv1.weight"].T + d["layer1.0.conv1.bias"])
+    h = torch.relu(h @ d["layer1.0.conv2.weight"].T + d["layer1.0.conv2.bias"])
+    return h @ d["fc.weight"].T + d["fc.bias"]
+
+
+def _numbers(ref: torch.Tensor, out: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Cosine of softmaxes, agreement, accuracy and KL, computed independently with numpy."""
+    a, b = ref.numpy(), out.numpy()
+    p = np.exp(a - a.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    q = np.exp(b - b.max(1, keepdims=True))
+    q /= q.sum(1, keepdims=True)
+    cos = (p * q).sum(1) / np.linalg.norm(p, axis=1) / np.linalg.norm(q, axis=1)
+    return {
+        "criticality": 100 * (1 - cos.mean()),
+        "agreement": float((a.argmax(1) == b.argmax(1)).mean()),
+        "accuracy": float((b.argmax(1) == labels.numpy()).mean()),
+        "kl": float((p * (np.log(p) - np.log(q))).sum(1).mean()),
+    }
+
+
+# -------------------------------------------------------------------------------------------- pure metrics
+def test_metrics_match_hand_values():
+    ref = torch.tensor([[0.0, math.log(3.0)]], dtype=torch.float64)
+    out = torch.zeros(1, 2)
+    got = crit.layer_criticality(ref, out, torch.tensor([1]))
+    cos = (0.25 * 0.5 + 0.75 * 0.5) / (math.hypot(0.25, 0.75) * math.hypot(0.5, 0.5))
+    assert got["similarity"] == pytest.approx(cos, abs=1e-12)
+    assert got["criticality"] == pytest.approx(100 * (1 - cos), abs=1e-10)
+    assert got["kl"] == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5), abs=1e-12)
+    assert got["agreement"] == 0.0  # argmax 1 vs argmax 0 (ties go to the first class)
+    assert got["accuracy"] == 0.0
+    with pytest.raises(LayerlabError, match=r"\[N, classes\]"):
+        crit.softmax_cosine(torch.zeros(3), torch.zeros(3))
+
+
+# ------------------------------------------------------------------------------------------ the procedure
+def test_layer_equal_to_its_fresh_weights_has_zero_criticality(trained, data):
+    model = copy.deepcopy(trained)
+    fresh = fresh_model(model, seed=0, device="cpu")
+    with torch.no_grad():
+        model.layer2[0].conv1.weight.copy_(fresh.layer2[0].conv1.weight)
+    table = crit.criticality(model, data, trials=2, layers=["layer2.0.conv1", "layer3.0.conv1"])
+    row = table.set_index(["layer", "trial"])["criticality"]
+    assert abs(row["layer2.0.conv1", 0]) < 1e-9  # trial 0 swaps in exactly the weights it already has
+    assert row["layer2.0.conv1", 1] > 1e-3  # trial 1 (seed 1) does not
+    assert row["layer3.0.conv1", 0] > 1e-3
+
+
+def test_randomising_the_head_of_a_trained_model_is_critical(trained, data):
+    table = crit.criticality(trained, data, trials=3, layers=["fc"])
+    assert (table["base_accuracy"] >= 0.3).all()  # the fitted head works (chance: 0.1)
+    assert table["criticality"].min() > 20
+    assert table["accuracy"].max() < table["base_accuracy"].iloc[0] - 0.15
+    assert (table["agreement"] < 0.5).all()
+
+
+def test_only_conv_and_linear_weights_are_swapped(trained, data, monkeypatch):
+    swapped: list[str] = []
+    original = crit._overrides
+
+    def spy(model, unit, source, what):
+        out = original(model, unit, source, what)
+        swapped.extend(out)
+        return out
+
+    monkeypatch.setattr(crit, "_overrides", spy)
+    table = crit.criticality(trained, data, trials=1)
+    modules = dict(trained.named_modules())
+    assert set(table["layer"]) == {i.name for i in layers(trained)}
+    assert not any("bn" in n or "norm" in n for n in table["layer"])
+    assert swapped and all(isinstance(modules[n.rpartition(".")[0]], (nn.Conv2d, nn.Linear)) for n in swapped)
+    assert {n.rpartition(".")[2] for n in swapped} <= {"weight", "bias"}
+    with pytest.raises(LayerlabError, match="bn1"):
+        crit.criticality(trained, data, trials=1, layers=["bn1"])
+
+
+def test_deterministic_under_a_seed(trained):
+    a = crit.criticality(trained, DATA, images=24, seed=3, trials=2, layers=["conv1", "layer3.1.conv2"])
+    b = crit.criticality(trained, DATA, images=24, seed=3, trials=2, layers=["conv1", "layer3.1.conv2"])
+    c = crit.criticality(trained, DATA, images=24, seed=4, trials=2, layers=["conv1", "layer3.1.conv2"])
+    pd.testing.assert_frame_equal(a, b)
+    assert a.attrs["indices"] == b.attrs["indices"] != c.attrs["indices"]
+    assert not np.allclose(a["criticality"], c["criticality"])
+    assert list(a["seed"]) == [3, 4, 3, 4]
+
+
+# ------------------------------------------------------------------------------------------ exact restore
+def _snapshot(model: nn.Module, x: torch.Tensor):
+    flags = [m.training for m in model.modules()]
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.eval()
+    with torch.no_grad():
+        logits = model(x)
+    for m, f in zip(model.modules(), flags):
+        m.training = f
+    return flags, state, logits
+
+
+def _assert_restored(model: nn.Module, x: torch.Tensor, snap) -> None:
+    flags, state, logits = snap
+    assert [m.training for m in model.modules()] == flags
+    now = model.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in state.items())
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), logits)  # bit for bit
+
+
+@pytest.mark.parametrize("naive", [False, True])
+def test_model_reproduces_its_logits_after_a_run(trained, data, naive):
+    model = copy.deepcopy(trained).train()  # mixed flags must come back too
+    model.layer1.eval()
+    x = data.float()[:8]
+    snap = _snapshot(model, x)
+    crit.criticality(model, data, trials=2, naive=naive, layers=["conv1", "layer2.0.downsample.0", "fc"])
+    crit.criticality(model, data, trials=1, units="blocks", naive=naive, layers=["layer3.1"])
+    _assert_restored(model, x, snap)
+
+
+def test_model_is_restored_after_a_run_that_raises(trained, data, monkeypatch):
+    model = copy.deepcopy(trained).train()
+    x = data.float()[:8]
+    snap = _snapshot(model, x)
+    calls = {"n": 0}
+    original = crit._stats_update
+
+    def failing(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("boom midway")
+        return original(*args)
+
+    monkeypatch.setattr(crit, "_stats_update", failing)
+    with pytest.raises(RuntimeError, match="boom midway"):
+        crit.criticality(model, data, trials=2, batch_size=16)
+    assert calls["n"] == 3
+    _assert_restored(model, x, snap)
+
+
+# ------------------------------------------------------------------------------------------- fast == naive
+def test_fast_matches_naive(trained, data):
+    fast = crit.criticality(trained, data, trials=2, batch_size=16)
+    naive = crit.criticality(trained, data, trials=2, batch_size=16, naive=True)
+    assert len(crit.Pipeline(trained, torch.device("cpu"), amp=False, channels_last=False).stages) == 14
+    assert (fast["criticality"] - naive["criticality"]).abs().max() < 0.01
+    assert (fast["agreement"] - naive["agreement"]).abs().max() == 0
+    blocks_fast = crit.criticality(trained, data, trials=2, units="blocks", layers=["conv1", "layer2.0", "fc"])
+    blocks_naive = crit.criticality(trained, data, trials=2, units="blocks", layers=["conv1", "layer2.0", "fc"], naive=True)
+    assert (blocks_fast["criticality"] - blocks_naive["criticality"]).abs().max() < 0.01
+    assert list(blocks_fast["label"].unique()) == ["conv1", "[2.0]", "fc"]
+
+
+def test_cuda_style_options_run_and_agree(trained, data):
+    """bf16 autocast and channels_last (the CUDA defaults) exercised on the CPU: same rows, close numbers."""
+    picked = ["conv1", "layer2.0.conv2", "fc"]
+    plain = crit.criticality(trained, data, trials=2, layers=picked)
+    last = crit.criticality(trained, data, trials=2, layers=picked, channels_last=True)
+    bf16 = crit.criticality(trained, data, trials=2, layers=picked, channels_last=True, amp=True)
+    assert (plain["criticality"] - last["criticality"]).abs().max() < 0.01
+    assert (plain["criticality"] - bf16["criticality"]).abs().max() < 3  # bf16 keeps ~3 significant digits
+    assert list(bf16["layer"]) == list(plain["layer"])
+
+
+def test_stage_chains_reproduce_the_forward_pass():
+    import torchvision
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 32, 32)
+    tv = torchvision.models.resnet18(num_classes=10).eval()
+    chain = crit.Pipeline(tv, torch.device("cpu"), amp=False, channels_last=False)
+    assert [s.path for s in chain.stages][-3:] == ["avgpool", "flatten", "fc"]
+    with torch.no_grad():
+        assert torch.equal(chain.trace(x, ())[0], tv(x))
+
+
+class _Odd(nn.Module):
+    """ResNet-shaped names, but a forward that skips ``maxpool``: the decomposition must notice and fall back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.act1 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()
+        self.maxpool = nn.MaxPool2d(2)
+        self.layer1 = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1))
+        self.global_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        return self.fc(self.global_pool(self.layer1(self.act1(self.bn1(self.conv1(x))))))
+
+
+def test_unknown_architectures_fall_back_to_the_full_forward(data):
+    torch.manual_seed(0)
+    odd = _Odd().eval()
+    with pytest.warns(UserWarning, match="falling back"):
+        fast = _odd_run(odd, data, naive=False)
+    naive = _odd_run(odd, data, naive=True)
+    assert (fast["criticality"] - naive["criticality"]).abs().max() < 0.01
+
+
+def _odd_run(odd: nn.Module, data, naive: bool) -> pd.DataFrame:
+    """Criticality of ``_Odd`` against a fixed reference made by hand (it has no registered architecture)."""
+    torch.manual_seed(1)
+    other = _Odd()
+    pipe = crit.Pipeline(odd, torch.device("cpu"), amp=False, channels_last=False)
+    units = crit.units_of(odd)
+    refs = [crit.Reference("randomize", 0, seed=0)]
+    tasks = [crit._Task(u, refs, [crit._overrides(odd, u, dict(other.named_parameters()), "other")]) for u in units]
+    rows = []
+    crit._evaluate("odd", pipe, data, tasks, batch_size=16, naive=naive, max_bytes=2**30,
+                   on_done=lambda t, base: rows.append({"layer": t.unit.name, **crit._stats_compute(t.stats[0])}),
+                   advance=lambda n: None)
+    return pd.DataFrame(rows)
+
+
+def test_chunked_cache_gives_the_same_numbers(trained, data):
+    whole = crit.criticality(trained, data, trials=2, batch_size=8, layers=["layer1.0.conv1", "fc"])
+    chunked = crit.criticality(trained, data, trials=2, batch_size=8, layers=["layer1.0.conv1", "fc"], cache_mb=0)
+    pd.testing.assert_frame_equal(whole, chunked)
+
+
+# ------------------------------------------------------------------------------------ Zhang et al. resets
+def test_checkpoint_resets_of_blocks_and_layers_match_a_hand_computation(mlp_run):
+    data = load_data("digits?size=8", "test", n=120, seed=0)
+    final = _state(mlp_run / "final.pt")
+    model = load_model("file:" + str(mlp_run / "final.pt"))
+    table = crit.criticality(model, data, mode=["reinit", "checkpoint"], run=mlp_run, checkpoint=[1, 2],
+                             units="blocks")
+    assert set(table["layer"]) == {"layer1.0", "fc"}
+    assert set(zip(table["mode"], table["epoch"])) == {("reinit", 0), ("checkpoint", 1), ("checkpoint", 2)}
+    x, y = data.float(), data.labels
+    reference = _mlp_logits(x, final)
+    for _, row in table.iterrows():
+        epoch_state = _state(mlp_run / "checkpoints" / f"epoch_{int(row['epoch']):04d}.pt")
+        prefix = "layer1.0." if row["layer"] == "layer1.0" else "fc."
+        mixed = {k: (epoch_state[k] if k.startswith(prefix) else v) for k, v in final.items()}
+        want = _numbers(reference, _mlp_logits(x, mixed), y)
+        for k, v in want.items():
+            assert row[k] == pytest.approx(v, abs=1e-4), (row["layer"], row["epoch"], k)
+    assert table.loc[table["layer"] == "layer1.0", "criticality"].max() > 1  # the reset matters
+    one = crit.criticality(model, data, mode="reinit", run=mlp_run, layers=["layer1.0.conv2"])
+    mixed = dict(final)
+    epoch0 = _state(mlp_run / "checkpoints" / "epoch_0000.pt")
+    mixed.update({k: epoch0[k] for k in ("layer1.0.conv2.weight", "layer1.0.conv2.bias")})
+    assert one["criticality"].iloc[0] == pytest.approx(_numbers(reference, _mlp_logits(x, mixed), y)["criticality"], abs=1e-4)
+
+
+def test_module_criticality_matches_a_hand_computation(mlp_run):
+    data = load_data("digits?size=8", "test", n=60, seed=0)
+    model = load_model("file:" + str(mlp_run / "final.pt"))
+    # eps = 2 x loss: at the paper's 1.01 x loss no grid point (sigma >= 0.1) is feasible for this small MLP
+    table = crit.module_criticality(model, data, run=mlp_run, seed=5, eps_factor=2.0)
+    final = _state(mlp_run / "final.pt")
+    init = _state(mlp_run / "checkpoints" / "epoch_0000.pt")
+    x, y = data.float(), data.labels
+
+    def loss(state):
+        return float(nn.functional.cross_entropy(_mlp_logits(x, state), y))
+
+    eps = 2.0 * loss(final)
+    mus = {}
+    for pos, layer in enumerate(["layer1.0.conv1", "layer1.0.conv2", "fc"]):
+        names = [f"{layer}.weight", f"{layer}.bias"]
+        g = torch.Generator().manual_seed(5 + pos)
+        z = [{n: torch.randn(final[n].shape, generator=g) for n in names} for _ in range(10)]
+        dist = sum(float(((final[n] - init[n]).double() ** 2).sum()) for n in names)
+        best = math.inf
+        for a in np.linspace(0, 1, 11):
+            for s in np.linspace(0, 1, 11)[1:]:
+                draws = [loss({**final, **{n: (1 - a) * init[n] + a * final[n] + s * zd[n] for n in names}}) for zd in z]
+                if np.mean(draws) <= eps:
+                    best = min(best, a * a * dist / (s * s))
+        mus[layer] = best
+    got = table.set_index("layer")["criticality"]
+    for layer, mu in mus.items():
+        assert got[layer] == pytest.approx(mu, rel=1e-6), layer
+    assert any(0 < mu < math.inf for mu in mus.values())
+    net = crit.network_criticality(table)
+    assert net["network_criticality"].iloc[0] == pytest.approx(sum(mus.values()), rel=1e-6)
+
+
+# -------------------------------------------------------------------------------------------- the store
+def test_finished_jobs_are_never_recomputed(trained, data, tmp_path, monkeypatch):
+    store = Store(tmp_path)
+    first = crit.criticality({"a": trained}, data, trials=2, layers=["conv1", "fc"], store=store)
+    assert len(store.paths(crit.ANALYSIS)) == 4  # one shard per (model, layer, trial)
+    computed: list[tuple[str, int]] = []
+    original = crit._evaluate
+
+    def spy(name, pipe, data_, tasks, **kw):
+        computed.extend((t.unit.name, r.trial) for t in tasks for r in t.refs)
+        return original(name, pipe, data_, tasks, **kw)
+
+    monkeypatch.setattr(crit, "_evaluate", spy)
+    again = crit.criticality({"a": trained}, data, trials=2, layers=["conv1", "fc"], store=store)
+    assert computed == []
+    pd.testing.assert_frame_equal(first, again, check_dtype=False)
+    victim = next(p for p in store.paths(crit.ANALYSIS)
+                  if pd.read_parquet(p)[["layer", "trial"]].values.tolist() == [["fc", 1]])
+    victim.unlink()
+    other = copy.deepcopy(trained)
+    with torch.no_grad():
+        other.fc.bias.add_(1.0)
+    crit.criticality({"a": trained, "b": other}, data, trials=2, layers=["conv1", "fc"], store=store)
+    assert sorted(computed) == sorted([("fc", 1), ("conv1", 0), ("conv1", 1), ("fc", 0), ("fc", 1)])
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+def test_bad_input_fails_clearly(trained, data, mlp_run):
+    with pytest.raises(LayerlabError, match=r"layer 'layer9.conv1' does not exist"):
+        crit.criticality(trained, data, layers=["layer9.conv1"])
+    with pytest.raises(LayerlabError, match="block 'layer9.0' does not exist"):
+        crit.criticality(trained, data, units="blocks", layers=["layer9.0"])
+    with pytest.raises(LayerlabError, match="--run"):
+        crit.criticality(trained, data, mode="reinit")
+    with pytest.raises(LayerlabError, match="trials must be a positive integer"):
+        crit.criticality(trained, data, trials=0)
+    with pytest.raises(LayerlabError, match="no checkpoint for epoch 7"):
+        crit.criticality(load_model("file:" + str(mlp_run / "final.pt")), "digits?size=8", mode="checkpoint",
+                         run=mlp_run, checkpoint=7)
+    with pytest.raises(LayerlabError, match="same architecture"):
+        crit.criticality(trained, data, mode="reinit", run=mlp_run, layers=["fc"])
+    broken = copy.deepcopy(trained)
+    with torch.no_grad():
+        broken.fc.bias[0] = float("nan")
+    with pytest.raises(NonFiniteError, match="not finite"):
+        crit.criticality(broken, data, trials=1, layers=["conv1"])
+
+
+# --------------------------------------------------------------------------------------------- CLI, plots
+def _cli() -> typer.Typer:
+    from layerlab.cli.criticality import register
+
+    app = typer.Typer()
+
+    @app.callback()
+    def _root() -> None:
+        """layerlab (test harness)."""
+
+    register(app)
+    return app
+
+
+def test_cli_writes_tables_figures_and_indices(tmp_path):
+    out = tmp_path / "out"
+    args = ["criticality", SPEC, "--data", DATA, "--images", "16", "--trials", "2", "--out", str(out),
+            "--layers", "conv1,fc", "--no-progress"]
+    result = CliRunner().invoke(_cli(), args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    table = pd.read_parquet(out / "criticality.parquet")
+    assert len(table) == 4 and set(table["trial"]) == {0, 1}
+    summary = pd.read_csv(out / "criticality_summary.csv")
+    want = table.groupby("layer")["criticality"].std(ddof=1)
+    assert summary.set_index("layer")["std"].to_dict() == pytest.approx(want.to_dict())
+    assert summary["sem"].tolist() == pytest.approx((summary["std"] / math.sqrt(2)).tolist())
+    images = pd.read_csv(out / "criticality_images.csv")
+    assert images["index"].tolist() == load_data(DATA, "test", n=16, seed=0).indices.tolist()
+    for name in ("criticality_heatmap", "criticality_std"):
+        assert (out / f"{name}.png").stat().st_size > 0 and (out / f"{name}.svg").exists()
+    bad = CliRunner().invoke(_cli(), [*args[:-3], "--layers", "nope", "--no-progress"])
+    assert isinstance(bad.exception, LayerlabError) and "nope" in str(bad.exception)
+
+
+def test_cli_checkpoint_and_module_modes(mlp_run, tmp_path):
+    out = tmp_path / "zhang"
+    result = CliRunner().invoke(_cli(), ["criticality", "--run", str(mlp_run), "--data", "digits?size=8", "--images",
+                                         "30", "--mode", "checkpoint", "--units", "blocks", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    table = pd.read_csv(out / "criticality.csv")
+    assert sorted(set(table["epoch"])) == [0, 1, 2, 3]
+    assert table.loc[table["epoch"] == 3, "criticality"].abs().max() < 1e-9  # the last checkpoint is the model
+    assert (out / "criticality_checkpoints.png").exists()
+    result = CliRunner().invoke(_cli(), ["criticality", "--run", str(mlp_run), "--data", "digits?size=8", "--images",
+                                         "30", "--module", "--layers", "fc", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert pd.read_csv(out / "module_criticality_summary.csv")["units"].tolist() == [1]
+
+
+def _synthetic_summary() -> tuple[pd.DataFrame, pd.DataFrame]:
+    rng = np.random.default_rng(0)
+    rows = []
+    for m in ("baseline", "adv1", "adv3", "augmix"):
+        for k, layer in enumerate(["conv1", "layer1.0.conv1", "layer1.0.conv2", "fc"]):
+            rows.append({"model": m, "layer": layer, "label": layer, "index": k, "mode": "randomize", "epoch": pd.NA,
+                         "criticality": float(rng.uniform(0, 100)), "std": float(rng.uniform(0, 5)), "accuracy": 0.5})
+    summary = pd.DataFrame(rows)
+    attrs = pd.DataFrame({"model": ["baseline", "adv1", "adv3", "augmix"], "category": ["base", "adv", "adv", "aug"],
+                          "budget": [0.0, 1.0, 3.0, np.nan], "accuracy": [0.9, 0.8, 0.7, 0.92]})
+    return summary, attrs
+
+
+def test_figures_show_the_tables(tmp_path):
+    from scipy.stats import spearmanr
+
+    from layerlab.plots import criticality as plots
+
+    summary, attrs = _synthetic_summary()
+    fig = plots.diff_to_baseline(summary, "baseline")
+    shown = np.asarray(fig.axes[0].images[0].get_array())
+    pivot = summary.pivot(index="layer", columns="model", values="criticality").loc[
+        ["conv1", "layer1.0.conv1", "layer1.0.conv2", "fc"]]
+    want = pivot[["adv1", "adv3", "augmix"]].sub(pivot["baseline"], axis=0).to_numpy()
+    assert np.allclose(shown, want)
+    avg = summary.groupby("model", sort=False)["criticality"].mean()
+    rho = spearmanr(avg.loc[attrs["model"]], attrs["accuracy"]).statistic
+    assert f"rho = {rho:+.2f}" in plots.vs_accuracy(summary, attrs).axes[0].get_title()
+    line_x = sorted(plots.vs_attribute(summary, attrs).axes[0].lines[0].get_xdata().tolist())
+    assert line_x in ([0.0], [1.0, 3.0])
+    paths = plots.save_all(summary, tmp_path, attrs=attrs)
+    names = {p.name for p in paths}
+    assert {"criticality_heatmap.png", "criticality_heatmap.svg", "criticality_diff.png", "criticality_std.svg",
+            "criticality_vs_budget.png", "criticality_vs_accuracy.png"} <= names
+    assert all(p.stat().st_size > 0 for p in paths)
+
+
+def test_demo_step_over_a_small_zoo(tmp_path):
+    zoo = tmp_path / "zoo"
+    for k, name in enumerate(["baseline", "other"]):
+        torch.manual_seed(k)
+        m = load_model("timm:resnet10t?channels=4,8,8,8&stem_width=4&num_classes=10")
+        save_checkpoint(m, zoo / name / "final.pt")
+    attrs = pd.DataFrame({"model": ["baseline", "other"], "recipe": ["baseline", "x"], "category": ["base", "x"],
+                          "budget": [0.0, 1.0], "accuracy": [0.5, 0.6]})
+    paths = crit.demo_step(zoo, tmp_path / "out", attrs, images=24)
+    names = {p.name for p in paths}
+    assert {"criticality_summary.csv", "criticality_heatmap.png", "criticality_diff.png"} <= names
+    summary = pd.read_csv(tmp_path / "out" / "criticality_summary.csv")
+    assert set(summary["model"]) == {"baseline", "other"} and (summary["trials"] == 3).all()

@@ -1,0 +1,151 @@
+"""Activation capture: names, shapes, hook hygiene, early stop with gradients, streaming in inference mode."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from layerlab.errors import LayerlabError
+from layerlab.features import Extractor, forward_until, iter_features
+from layerlab.similarity import CKAAccumulator
+
+
+class Tokens(nn.Module):
+    """[N, C, H, W] -> [N, T=H*W, C] tokens, like a ViT patch sequence."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(2).transpose(1, 2)
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.ReLU()
+        self.block = nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU())
+        self.tokens = Tokens()
+        self.proj = nn.Linear(6, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.proj(self.tokens(self.block(self.act(self.bn(self.stem(x))))))
+        return self.head(t.mean(dim=1))
+
+
+@pytest.fixture
+def net() -> Net:
+    torch.manual_seed(0)
+    return Net()
+
+
+def hook_count(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_unknown_layer_names_the_layer_the_closest_names_and_how_to_list():
+    model = nn.Sequential()
+    model.add_module("features", nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+    model.add_module("classifier", nn.Linear(4, 2))
+    with pytest.raises(LayerlabError) as err:
+        Extractor(model, ["features.0", "feature.0"])
+    msg = str(err.value)
+    assert "'feature.0'" in msg and "'features.0'" in msg and "layerlab.layers(model)" in msg
+    with pytest.raises(LayerlabError, match="unknown layer 'nope'"):
+        forward_until(model, "nope", torch.randn(1, 3, 8, 8))
+
+
+def test_shapes_flatten_pool_tokens_and_output(net):
+    x = torch.randn(2, 3, 8, 8)
+    names = ["stem", "block.0", "tokens", "head"]
+    with Extractor(net, names, include_output=True) as ex:
+        feats = ex(x)
+    assert list(feats) == names + ["output"]
+    assert {k: tuple(v.shape) for k, v in feats.items()} == {
+        "stem": (2, 4 * 8 * 8), "block.0": (2, 6 * 4 * 4), "tokens": (2, 16 * 6), "head": (2, 3), "output": (2, 3)
+    }
+    assert torch.equal(feats["output"], net(x).detach())
+    pooled = Extractor(net, ["stem", "tokens"], pool=True)(x)
+    assert tuple(pooled["stem"].shape) == (2, 4) and tuple(pooled["tokens"].shape) == (2, 6)
+    full = Extractor(net, ["stem"], flatten=False)(x)["stem"]
+    assert torch.allclose(pooled["stem"], full.mean(dim=(2, 3)))
+    assert not feats["stem"].requires_grad
+    assert Extractor(net, ["head"], detach=False)(x)["head"].requires_grad
+
+
+def test_hooks_removed_after_exceptions(net):
+    ex = Extractor(net, ["stem", "proj"])
+    with pytest.raises(RuntimeError):
+        with ex:
+            assert hook_count(net) == 2
+            ex(torch.randn(2, 5, 8, 8))  # wrong channel count: the forward raises
+    assert hook_count(net) == 0 and not ex.active
+    with pytest.raises(RuntimeError):
+        ex(torch.randn(2, 5, 8, 8))  # call without a with block
+    assert hook_count(net) == 0
+    with pytest.raises(RuntimeError):
+        forward_until(net, "proj", torch.randn(2, 5, 8, 8))
+    assert hook_count(net) == 0
+
+
+def test_module_that_runs_twice_is_refused(net):
+    shared = nn.ReLU()
+    model = nn.Sequential(nn.Linear(4, 4), shared, nn.Linear(4, 4), shared)
+    with pytest.raises(LayerlabError, match="ran twice"):
+        Extractor(model, ["1"])(torch.randn(3, 4))
+    assert hook_count(model) == 0
+
+
+def test_forward_until_stops_early_and_gradients_flow(net):
+    later_calls = []
+    net.head.register_forward_hook(lambda *a: later_calls.append(1))
+    net.proj.register_forward_pre_hook(lambda *a: later_calls.append(1))
+    net.eval()
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    act = forward_until(net, "block.0", x)
+    assert later_calls == []  # proj and head never ran
+    with torch.no_grad():
+        assert torch.equal(act, Extractor(net, ["block.0"], flatten=False)(x)["block.0"])
+    assert later_calls == [1, 1]  # the full forward did run them: the check above can fail
+    act.pow(2).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert hook_count(net) == 2  # only the test's own two hooks remain
+
+
+def test_iter_features_streams_batches_in_inference_mode_and_restores_modes(net):
+    net.train()
+    net.bn.eval()  # a mixed state that model.train(True) would not restore
+    running = net.bn.running_mean.clone()
+    x, y = torch.rand(10, 3, 8, 8), torch.arange(10)
+    batches = list(iter_features(net, ["stem", "proj"], (x, y), batch_size=4, include_output=True))
+    assert [b["stem"].shape[0] for b in batches] == [4, 4, 2]
+    assert all(t.is_inference() for b in batches for t in b.values())
+    assert net.training and not net.bn.training and net.block.training
+    assert torch.equal(net.bn.running_mean, running)
+    net.eval()
+    with torch.no_grad():
+        whole = Extractor(net, ["proj"])(x)["proj"]
+    assert torch.allclose(torch.cat([b["proj"] for b in batches]), whole, atol=1e-6)
+    assert hook_count(net) == 0
+
+
+def test_iter_features_closed_early_restores_train_mode(net):
+    net.train()
+    gen = iter_features(net, ["stem"], torch.rand(8, 3, 8, 8), batch_size=2)
+    next(gen)
+    assert not net.training
+    gen.close()
+    assert net.training and net.bn.training
+
+
+def test_gram_transform_in_hook_feeds_the_accumulator(net):
+    x = torch.rand(32, 3, 8, 8)
+    names = ["stem", "block.0", "proj"]
+    plain, hooked = CKAAccumulator(3, names_a=names), CKAAccumulator(3, names_a=names)
+    for feats in iter_features(net, names, x, batch_size=16):
+        plain.update(feats)
+    for grams in iter_features(net, names, x, batch_size=16, transform=hooked.gram):
+        assert all(g.shape == (16, 16) and g.dtype == torch.float64 for g in grams.values())
+        hooked.update_grams(grams)
+    assert torch.allclose(plain.compute(), hooked.compute(), atol=1e-12)
+    assert torch.allclose(plain.compute().diagonal(), torch.ones(3, dtype=torch.float64), atol=1e-12)

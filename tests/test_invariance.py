@@ -1,0 +1,340 @@
+"""Invariances under finetuning: inversion, STIR, the cached grid, summaries, figures and the CLI, on tiny models."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import layerlab.invariance as inv
+from layerlab.errors import LayerlabError, ShapeError
+from layerlab.invariance import InversionCache, initial_noise, invariance_grid, invert, matching_loss, stir, summarize
+from layerlab.similarity import linear_cka
+from layerlab.store import Store
+
+LAYERS = ["conv1", "conv2", "fc"]
+
+
+class Tiny(nn.Module):
+    """1x8x8 images -> conv(4) -> BN -> ReLU -> conv(6, stride 2) -> ReLU -> mean pool -> Linear(3)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+        self.act2 = nn.ReLU()
+        self.fc = nn.Linear(6, 3)
+        with torch.no_grad():  # non-trivial BN statistics, so eval mode matters
+            self.bn.running_mean.uniform_(-0.2, 0.2)
+            self.bn.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act2(self.conv2(self.act(self.bn(self.conv1(x)))))
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+class Rotate(nn.Module):
+    """Wraps a layer and applies a fixed map Q to its flattened output (orthogonal Q: a rotation)."""
+
+    def __init__(self, inner: nn.Module, q: torch.Tensor) -> None:
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("q", q)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.inner(x)
+        return (y.flatten(1) @ self.q).view_as(y)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    return torch.rand(16, 1, 8, 8, generator=gen)
+
+
+def _finetuned(model: nn.Module, seed: int = 5, scale: float = 0.3) -> nn.Module:
+    """A perturbed copy: the same architecture with moved weights, standing in for a finetuned model."""
+    other = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(scale * p.std() * torch.randn(p.shape, generator=gen))
+    return other
+
+
+# ------------------------------------------------------------------------------------------- inversion
+
+
+def test_stir_with_itself_approaches_one_as_the_inversion_converges(images):
+    model = Tiny()
+    values = []
+    for steps in (0, 3, 60):
+        x_inv, _ = invert(model, "conv1", images, steps=steps, step_size=0.5)
+        values.append(stir(model, "conv1", images, x_inv))
+    assert values[0] < values[1] < values[2]
+    assert values[2] > 0.99 and values[2] - values[0] > 0.2
+
+
+def test_final_matching_loss_is_reported_per_image_and_decreases_with_steps(images):
+    model = Tiny()
+    losses = {s: invert(model, "conv2", images, steps=s)[1] for s in (0, 5, 40)}
+    assert all(tuple(l.shape) == (16,) and l.dtype == torch.float32 for l in losses.values())
+    # 0 steps: the loss of the seeded noise itself
+    with torch.no_grad():
+        model.eval()
+        feats = {}
+        h = model.conv2.register_forward_hook(lambda m, a, o: feats.__setitem__("out", o))
+        model(images)
+        target = feats["out"]
+        model(initial_noise(images.shape, 0))
+        h.remove()
+    assert torch.allclose(losses[0], matching_loss(feats["out"], target), rtol=1e-5)
+    # the best iterate is kept along one deterministic trajectory: never worse per image, clearly better on average
+    assert bool((losses[5] <= losses[0]).all()) and bool((losses[40] <= losses[5]).all())
+    assert losses[40].mean() < 0.5 * losses[0].mean()
+
+
+def test_inversion_is_in_range_seeded_and_independent_of_batch_size(images):
+    model = Tiny()
+    a, la = invert(model, "conv2", images, steps=8, seed=3, batch_size=16)
+    b, lb = invert(model, "conv2", images, steps=8, seed=3, batch_size=5)
+    c, _ = invert(model, "conv2", images, steps=8, seed=4, batch_size=16)
+    assert a.shape == images.shape and float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+    assert torch.allclose(a, b, atol=1e-6) and torch.allclose(la, lb, atol=1e-6)
+    assert not torch.allclose(a, c)
+
+
+def test_model_is_restored_after_inversion_and_grid(images):
+    model = Tiny()
+    model.train()
+    model.bn.eval()
+    model.conv1.weight.requires_grad_(False)
+    flags = [(n, p.requires_grad) for n, p in model.named_parameters()]
+    modes = [(n, m.training) for n, m in model.named_modules()]
+    state = copy.deepcopy(model.state_dict())
+    invert(model, "conv2", images, steps=3)
+    invariance_grid(model, _finetuned(model), data=images, layers=LAYERS, steps=2)
+    assert [(n, p.requires_grad) for n, p in model.named_parameters()] == flags
+    assert [(n, m.training) for n, m in model.named_modules()] == modes
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert all(not m._forward_hooks for m in model.modules())
+    assert all(p.grad is None for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------------- STIR
+
+
+def test_orthogonal_rotation_of_the_evaluated_features_leaves_stir_unchanged(images):
+    m1, m2 = Tiny(0), Tiny(1)
+    x_inv, _ = invert(m1, "conv2", images, steps=10)
+    d = 6 * 4 * 4
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(2)))
+    rotated = copy.deepcopy(m2)
+    rotated.conv2 = Rotate(rotated.conv2, q)
+    plain = stir(m2, "conv2", images, x_inv)
+    assert stir(rotated, "conv2", images, x_inv) == pytest.approx(plain, abs=1e-6)
+    # a non-orthogonal map changes it (so the check above can fail)
+    skew = copy.deepcopy(m2)
+    skew.conv2 = Rotate(skew.conv2, torch.diag(torch.linspace(0.01, 10, d)))
+    assert abs(stir(skew, "conv2", images, x_inv) - plain) > 1e-3
+
+
+def test_stir_uses_all_images_not_the_last_batch(images):
+    m1, m2 = Tiny(0), Tiny(1)
+    x_inv, _ = invert(m1, "conv1", images, steps=5)
+    value = stir(m2, "conv2", images, x_inv, batch_size=5)  # batches of 5, 5, 5, 1
+    feats = {}
+    h = m2.conv2.register_forward_hook(lambda m, a, o: feats.setdefault(len(feats), o.detach()))
+    with torch.no_grad():
+        m2.eval()
+        m2(images)
+        m2(x_inv)
+    h.remove()
+    assert value == pytest.approx(linear_cka(feats[0], feats[1]), abs=1e-9)
+    last = linear_cka(feats[0][-5:], feats[1][-5:])
+    assert abs(value - last) > 1e-4
+
+
+# ------------------------------------------------------------------------------------------- the grid
+
+
+def test_identical_pretrained_and_finetuned_models_give_a_symmetric_grid(images):
+    pt = Tiny()
+    ft = copy.deepcopy(pt)
+    res = invariance_grid(pt, ft, data=images, layers=LAYERS, steps=6)
+    g = res["grid"]
+    m = {(r, e): inv.grid_matrix(g, r, e).to_numpy() for r in ("pretrained", "finetuned") for e in ("pretrained", "finetuned")}
+    assert np.allclose(m["pretrained", "finetuned"], m["finetuned", "pretrained"], atol=1e-12)
+    assert np.allclose(m["pretrained", "finetuned"], m["pretrained", "pretrained"], atol=1e-12)
+    assert np.allclose(m["finetuned", "finetuned"], m["pretrained", "pretrained"], atol=1e-12)
+    cka = inv.grid_matrix(g, "pretrained", "finetuned", "cka").to_numpy()
+    assert np.allclose(cka, cka.T, atol=1e-12) and np.allclose(np.diag(cka), 1.0)
+    s = res["summary"]
+    assert np.allclose(s["retention"], s["reverse"], atol=1e-12)
+    # different weights break the symmetry
+    res2 = invariance_grid(pt, _finetuned(pt), data=images, layers=LAYERS, steps=6)
+    a = inv.grid_matrix(res2["grid"], "pretrained", "finetuned").to_numpy()
+    b = inv.grid_matrix(res2["grid"], "finetuned", "pretrained").to_numpy()
+    assert not np.allclose(a, b, atol=1e-6)
+
+
+def test_each_inversion_is_computed_once_in_memory_on_disk_and_in_the_store(images, tmp_path, monkeypatch):
+    calls: list[tuple[int, str]] = []
+    real = inv.invert
+
+    def counting(model, layer, *args, **kwargs):
+        calls.append((id(model), layer))
+        return real(model, layer, *args, **kwargs)
+
+    monkeypatch.setattr(inv, "invert", counting)
+    pt = Tiny(0)
+    ft, sc = _finetuned(pt, seed=5), Tiny(9)
+    cache = InversionCache(tmp_path / "inversions")
+    res = invariance_grid(pt, ft, sc, data=images, layers=LAYERS, steps=4, cache=cache)
+    assert len(calls) == 3 * len(LAYERS) and len(set(calls)) == len(calls)  # 3L, not 3L^2
+    assert cache.computed == 3 * len(LAYERS)
+    g = res["grid"]
+    assert len(g) == 3 * 3 * len(LAYERS) ** 2 * 3  # references x evaluated x i x j x metrics
+    # same cache again: memory hits only
+    invariance_grid(pt, ft, sc, data=images, layers=LAYERS, steps=4, cache=cache)
+    assert len(calls) == 3 * len(LAYERS) and cache.memory_hits == 3 * len(LAYERS)
+    # a fresh cache on the same folder: read from disk, same numbers
+    disk = InversionCache(tmp_path / "inversions")
+    again = invariance_grid(pt, ft, sc, data=images, layers=LAYERS, steps=4, cache=disk)
+    assert len(calls) == 3 * len(LAYERS) and disk.disk_hits == 3 * len(LAYERS)
+    pd.testing.assert_frame_equal(again["grid"], g)
+    # different steps is a different inversion
+    invariance_grid(pt, ft, data=images, layers=["conv1"], steps=5, cache=cache)
+    assert len(calls) == 3 * len(LAYERS) + 2
+
+
+def test_store_run_resumes_without_recomputing(images, tmp_path, monkeypatch):
+    pt = Tiny(0)
+    ft = _finetuned(pt)
+    store = Store(tmp_path / "out")
+    first = invariance_grid(pt, ft, data=images, layers=LAYERS, steps=3, store=store)
+    assert len(store.paths("invariance")) == 2 * len(LAYERS)
+    assert len(list((tmp_path / "out" / "cache" / "inversions").glob("*.pt"))) == 2 * len(LAYERS)
+    monkeypatch.setattr(inv, "invert", lambda *a, **k: pytest.fail("an inversion was recomputed"))
+    second = invariance_grid(pt, ft, data=images, layers=LAYERS, steps=3, store=store)
+    pd.testing.assert_frame_equal(first["grid"], second["grid"])
+    pd.testing.assert_frame_equal(first["summary"], second["summary"])
+    assert len(store.read("invariance")) == len(first["grid"])
+
+
+def test_noise_floor_is_stir_of_the_zero_step_inversion(images):
+    pt = Tiny(0)
+    ft = _finetuned(pt)
+    g = invariance_grid(pt, ft, data=images, layers=LAYERS, steps=5)["grid"]
+    noise_inv, _ = invert(pt, "conv2", images, steps=0)
+    expected = stir(ft, "fc", images, noise_inv)
+    row = g[(g.metric == "noise") & (g.reference == "pretrained") & (g.evaluated == "finetuned") & (g.eval_layer == "fc")]
+    assert np.allclose(row["value"], expected, atol=1e-12)  # the same for every reference layer i
+    stir_row = g[(g.metric == "stir") & (g.reference == "pretrained") & (g.evaluated == "finetuned")
+                 & (g.ref_layer == "conv2") & (g.eval_layer == "fc")]
+    x_inv, _ = invert(pt, "conv2", images, steps=5)
+    assert float(stir_row["value"].iloc[0]) == pytest.approx(stir(ft, "fc", images, x_inv), abs=1e-12)
+
+
+def test_summary_retention_transfer_and_compression():
+    rows = []
+    values = {  # STIR(ev_j | pt_i) for a 3-layer toy grid
+        "finetuned": [[0.9, 0.5, 0.1], [0.7, 0.6, 0.3], [0.2, 0.8, 0.4]],
+        "scratch": [[0.6, 0.2, 0.1], [0.3, 0.5, 0.2], [0.1, 0.2, 0.45]],
+        "pretrained": [[1.0, 0.4, 0.1], [0.5, 0.95, 0.3], [0.2, 0.5, 0.9]],
+    }
+    names = ["a", "b", "c"]
+    for ev, mat in values.items():
+        for i in range(3):
+            for j in range(3):
+                for metric, v in (("stir", mat[i][j]), ("noise", 0.6 if j == 0 else 0.05), ("cka", 0.5)):
+                    rows.append({"reference": "pretrained", "ref_layer": names[i], "ref_label": names[i], "ref_index": i,
+                                 "evaluated": ev, "eval_layer": names[j], "eval_label": names[j], "eval_index": j,
+                                 "metric": metric, "value": v})
+    s = summarize(pd.DataFrame(rows))
+    assert s["retention"].tolist() == [0.9, 0.6, 0.4]
+    assert s["scratch"].tolist() == [0.6, 0.5, 0.45]
+    assert np.allclose(s["transfer"], [0.3, 0.1, -0.05])
+    assert s["ceiling"].tolist() == [1.0, 0.95, 0.9]
+    assert s["best_label"].tolist() == ["a", "a", "b"] and s["shift"].tolist() == [0, -1, -1]
+    assert s["scratch_shift"].tolist() == [0, 0, 0]
+    # above the noise floor (high at layer a) layer b wins for pt layer b: (0.7 - 0.6) / 0.4 < (0.6 - 0.05) / 0.95
+    assert s["best_label_above_noise"].tolist() == ["a", "b", "b"] and s["shift_above_noise"].tolist() == [0, 0, -1]
+    assert s["noise"].tolist() == [0.6, 0.05, 0.05]
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_fails_with_a_teaching_message(images):
+    model = Tiny()
+    with pytest.raises(LayerlabError, match=r"unknown layer 'conv3'.*did you mean"):
+        invert(model, "conv3", images, steps=1)
+    with pytest.raises(ShapeError, match=r"4-D image batch"):
+        invert(model, "conv1", images[0], steps=1)
+    with pytest.raises(ShapeError, match=r"float images in \[0, 1\]"):
+        invert(model, "conv1", (images * 255).to(torch.uint8), steps=1)
+    with pytest.raises(ShapeError, match=r"values in \[0, 1\]"):
+        invert(model, "conv1", images * 3 - 1, steps=1)
+    with pytest.raises(ShapeError, match=r"do not fit Tiny.*channel count"):
+        invert(model, "conv1", images.expand(-1, 3, -1, -1), steps=1)
+    with pytest.raises(LayerlabError, match="steps"):
+        invert(model, "conv1", images, steps=-1)
+    with pytest.raises(ShapeError, match="same images"):
+        stir(model, "conv1", images, images[:4])
+    with pytest.raises(LayerlabError, match="unknown layer"):
+        invariance_grid(model, Tiny(1), data=images, layers=["conv1", "nope"], steps=1)
+    with pytest.raises(LayerlabError, match="estimator"):
+        invariance_grid(model, Tiny(1), data=images, layers=["conv1"], steps=1, estimator="minibatch")
+
+
+# ------------------------------------------------------------------------------------------- figures and CLI
+
+
+def test_figures_and_cli(images, tmp_path):
+    from typer.testing import CliRunner
+    import typer
+
+    from layerlab.cli import invariance as cli_inv
+    from layerlab.plots.invariance import save_all
+
+    pt = Tiny(0)
+    ft, sc = _finetuned(pt), Tiny(3)
+    cache = InversionCache()
+    res = invariance_grid(pt, ft, sc, data=images, layers=LAYERS, steps=2, cache=cache)
+    examples = inv.example_inversions(cache, res["inversions"], k=3)
+    paths = save_all(res, tmp_path / "fig", originals=images[:3], examples=examples)
+    assert sorted(p.name for p in paths) == sorted(f"{n}.{e}" for n in ("stir_grids", "layer_curves", "inversions")
+                                                   for e in ("png", "svg"))
+    assert all(p.stat().st_size > 1000 for p in paths)
+
+    for name, m in (("pt", pt), ("ft", ft)):
+        torch.save(m, tmp_path / f"{name}.pt")
+    app = typer.Typer()
+    cli_inv.register(app)
+    app.command("noop")(lambda: None)  # a second command keeps typer in multi-command mode
+    out = tmp_path / "cli"
+    args = ["invariance", str(tmp_path / "pt.pt"), f"file:{tmp_path / 'ft.pt'}", "--data", "digits?size=8&channels=1",
+            "--out", str(out), "--layers", "conv1,fc", "--images", "12", "--steps", "2", "--examples", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "retention" in result.output
+    assert (out / "figures" / "invariance" / "stir_grids.png").exists()
+    assert (out / "figures" / "invariance" / "inversions.svg").exists()
+    assert len(Store(out).read("invariance")) == 2 * 2 * 2 * 2 * 3
+    bad = CliRunner().invoke(app, [*args[:7], "--layers", "conv9"])
+    assert bad.exit_code != 0 and "unknown layer 'conv9'" in str(bad.exception or bad.output)
