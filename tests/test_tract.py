@@ -14,6 +14,15 @@ from layerlab.tract import TrAct, apply, remove, tract_gradient
 DT = torch.float64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one thread avoids OpenMP barrier stalls on a shared machine; restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # -- independent reference -----------------------------------------------------------------------------
 
 
@@ -37,7 +46,8 @@ def ref_patches(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     for c in range(x.shape[1]):
         for i in range(kh):
             for j in range(kw):
-                win = xp[:, c, i * dh: i * dh + sh * (out_h - 1) + 1: sh, j * dw: j * dw + sw * (out_w - 1) + 1: sw]
+                top, left = i * dh, j * dw
+                win = xp[:, c, top: top + sh * (out_h - 1) + 1: sh, left: left + sw * (out_w - 1) + 1: sw]
                 cols.append(win.reshape(-1))
     return torch.stack(cols, dim=1)
 
@@ -133,7 +143,8 @@ def test_small_batch_uses_b_by_b_form_and_matches_n_by_n(monkeypatch: pytest.Mon
     rows = ref_patches(x, conv)
     assert rows.shape[0] < rows.shape[1] and solved == [rows.shape[0]]  # a 6 x 6 system, not 48 x 48
     grad_rows = r["g"].permute(0, 2, 3, 1).reshape(rows.shape[0], -1)
-    torch.testing.assert_close(r["gw"], ref_tract(rows, grad_rows, 0.1).reshape(conv.weight.shape), rtol=0, atol=1e-10)
+    expected = ref_tract(rows, grad_rows, 0.1).reshape(conv.weight.shape)
+    torch.testing.assert_close(r["gw"], expected, rtol=0, atol=1e-10)
     # the pure function on both sides of b = n agrees with the n x n inverse formula
     for b in (5, 30, 31, 90):
         xr, gr = torch.randn(b, 30, dtype=DT), torch.randn(b, 4, dtype=DT)
@@ -162,7 +173,8 @@ def test_conv_equals_linear_on_unfolded_rows() -> None:
         lin.bias.copy_(conv.bias)
     out = TrAct(lin, lam=0.2)(rows)
     grad_rows = r["g"].permute(0, 2, 3, 1).reshape(rows.shape[0], -1)
-    torch.testing.assert_close(out, r["out_tr"].permute(0, 2, 3, 1).reshape(rows.shape[0], -1), rtol=0, atol=1e-12)
+    out_rows = r["out_tr"].permute(0, 2, 3, 1).reshape(rows.shape[0], -1)
+    torch.testing.assert_close(out, out_rows, rtol=0, atol=1e-12)
     out.backward(grad_rows)
     torch.testing.assert_close(lin.weight.grad.reshape(conv.weight.shape), r["gw"], rtol=0, atol=1e-10)
     torch.testing.assert_close(lin.bias.grad, r["gb"], rtol=0, atol=1e-12)
@@ -191,7 +203,8 @@ def test_non_contiguous_conv_input() -> None:
     r = conv_grads(conv, x, lam=0.1)
     rows = ref_patches(x, conv)
     grad_rows = r["g"].permute(0, 2, 3, 1).reshape(rows.shape[0], -1)
-    torch.testing.assert_close(r["gw"], ref_tract(rows, grad_rows, 0.1).reshape(conv.weight.shape), rtol=0, atol=1e-10)
+    expected = ref_tract(rows, grad_rows, 0.1).reshape(conv.weight.shape)
+    torch.testing.assert_close(r["gw"], expected, rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("kind", ["conv", "linear"])
@@ -289,7 +302,7 @@ def test_apply_finds_stem_trains_and_remove_restores(factory, path: str) -> None
     assert all(torch.equal(model.state_dict()[k], v) for k, v in bn_stats.items())  # probe left BN alone
     assert model.training
 
-    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))  # the probe's shape: kernels are reused
     w0 = original.weight.detach().clone()
     loss = F.cross_entropy(model(x), y)
     loss.backward()

@@ -223,7 +223,8 @@ class _TrActLinearFn(torch.autograd.Function):
             grad_rows = grad_out.reshape(-1, weight.shape[0])
             if need_w:
                 # One copy at most: a non-contiguous (e.g. transposed 3-D) input becomes contiguous rows here.
-                rows = x.to(dtype=solve_dtype, memory_format=torch.contiguous_format).reshape(-1, weight.shape[1])
+                rows = x.to(dtype=solve_dtype, memory_format=torch.contiguous_format)
+                rows = rows.reshape(-1, weight.shape[1])
                 grad_w = _tract_from_rows(rows, grad_rows.to(solve_dtype), lam).to(weight.dtype)
             if need_b and has_bias:
                 grad_b = grad_rows.sum(0, dtype=solve_dtype).to(weight.dtype)
@@ -255,7 +256,8 @@ def _check_layer(layer: nn.Module, where: str = "layer") -> None:
             f"nn.{base.__name__}; TrAct would silently change its forward pass. Replace it by a plain "
             f"nn.{base.__name__} with the same output first"
         )
-    if not isinstance(layer.weight, nn.Parameter) or isinstance(layer.weight, nn.parameter.UninitializedParameter):
+    weight = layer.weight
+    if not isinstance(weight, nn.Parameter) or isinstance(weight, nn.parameter.UninitializedParameter):
         raise LayerlabError(
             f"TrAct: {where}.weight must be an initialised nn.Parameter, got {type(layer.weight).__name__}; "
             "run one forward pass on lazy layers and remove weight parametrisations before wrapping"
@@ -371,8 +373,11 @@ class TrAct(nn.Module):
 
 
 def _probe_input(model: nn.Module) -> Tensor:
-    """A tiny image batch the model accepts: size from timm/torchvision ``img_size``/``image_size`` attributes
-    (fixed-size ViTs), else 32x32 (enough for a ResNet's five halvings); channels from the first registered Conv2d, else 3."""
+    """A tiny image batch the model accepts.
+
+    Size from timm/torchvision ``img_size``/``image_size`` attributes (fixed-size ViTs), else 32x32 (enough
+    for a ResNet's five halvings); channels from the first registered Conv2d, else 3.
+    """
     size: tuple[int, int] = (32, 32)
     for module in model.modules():
         value = getattr(module, "img_size", None) or getattr(module, "image_size", None)
