@@ -197,7 +197,7 @@ def test_streaming_unbiased_equals_direct_sum_of_per_batch_u_statistics():
             want = np_minibatch_cka([b[i].numpy() for b in batches], [b[j].numpy() for b in batches])
             assert got[i, j].item() == pytest.approx(want, abs=1e-10), (i, j)
     # and it is not the full-N estimate: the batching is really reflected
-    assert not torch.allclose(got[0, 3], torch.tensor(linear_cka(feats[0], feats[3], unbiased=True), dtype=torch.float64), atol=1e-6)
+    assert abs(got[0, 3].item() - linear_cka(feats[0], feats[3], unbiased=True)) > 1e-6
 
 
 @pytest.mark.parametrize("estimator", ["unbiased", "biased"])
@@ -260,6 +260,7 @@ def test_to_frame_is_tidy_and_names_the_estimator():
     assert isinstance(frame, pd.DataFrame) and len(frame) == 25
     assert {"layer_a", "layer_b", "cka", "estimator", "kernel", "n", "n_batches"} <= set(frame.columns)
     assert set(frame.estimator) == {"unbiased"} and set(frame.kernel) == {"linear"} and set(frame.n) == {32}
+    assert set(frame.gram_dtype) == {"float64"} and set(frame.n_batches) == {1}
     row = frame[(frame.layer_a == "l0") & (frame.layer_b == "l3")].cka.item()
     assert row == pytest.approx(acc.compute()[0, 3].item())
 
@@ -280,6 +281,10 @@ def test_float32_relu_features_with_large_offsets_match_float64():
         acc.update([x[s : s + 64], y[s : s + 64]])
     want = np_minibatch_cka(list(x64.numpy().reshape(4, 64, -1)), list(y64.numpy().reshape(4, 64, -1)))
     assert acc.compute()[0, 1].item() == pytest.approx(want, abs=1e-6)
+    fast = CKAAccumulator(2, gram_dtype=torch.float32)  # the opt-in float32 Gram matmul
+    for s in range(0, 256, 64):
+        fast.update([x[s : s + 64], y[s : s + 64]])
+    assert fast.compute()[0, 1].item() == pytest.approx(want, abs=1e-6)
     # the test is sensitive: the same estimator on uncentred float32 Grams is off by far more than 1e-6
     k32 = (x[:64] @ x[:64].T).numpy()
     l32 = (y[:64] @ y[:64].T).numpy()
