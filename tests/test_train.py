@@ -37,7 +37,7 @@ def test_every_recipe_trains(name, tmp_path, tiny_arch):
 
 
 def test_training_learns_the_digits(tmp_path, tiny_arch):
-    run = train(tiny_arch, "digits", recipe("baseline", epochs=3), tmp_path / "r", train_n=600, progress=False)
+    run = train(tiny_arch, "digits", recipe("baseline", epochs=3, batch_size=32), tmp_path / "r", train_n=600, progress=False)
     assert runs.run_metrics(run)["test_acc"].iloc[-1] > 0.7
 
 

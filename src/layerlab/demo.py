@@ -16,9 +16,9 @@ from .registry import Registry
 from .store import Store, job_key
 
 DEMO_STEPS: Registry[Callable[["DemoContext"], None]] = Registry("demo step")
-ORDER: list[str] = ["zoo", "criticality", "tract", "invariance", "report"]
+ORDER: list[str] = ["zoo", "criticality", "tract", "dynamics", "invariance", "report"]
 # Analysis modules that register their own demo step (imported lazily: they import this module).
-STEP_MODULES: list[str] = ["layerlab.invariance", "layerlab.report"]
+STEP_MODULES: list[str] = ["layerlab.dynamics", "layerlab.invariance", "layerlab.report"]
 
 
 @dataclass

@@ -168,8 +168,10 @@ def ray_engine(jobs: Sequence[Any], out: Path, run: Runner, *, retries: int, on_
         if address:
             _check_reachable(address)
             opts["address"] = address
-        elif num_cpus:
-            opts["num_cpus"] = num_cpus
+        else:
+            opts.setdefault("_node_ip_address", "127.0.0.1")  # a local cluster stays on loopback
+            if num_cpus:
+                opts["num_cpus"] = num_cpus
         try:
             ray.init(**opts)
         except ConnectionError as e:
