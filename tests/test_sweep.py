@@ -99,7 +99,7 @@ def test_missing_sweep_file_and_builtin(tmp_path):
         load_sweep("nope")
     demo = load_sweep("demo")
     jobs = expand(demo)
-    assert [j.kind for j in jobs].count("training") == 11 and [j.kind for j in jobs].count("criticality") == 11
+    assert [j.kind for j in jobs].count("training") == 10 and [j.kind for j in jobs].count("criticality") == 10
 
 
 def test_expand_puts_training_first_and_keys_are_stable(tmp_path):

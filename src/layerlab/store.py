@@ -115,7 +115,7 @@ class Store:
                 con.execute(f"CREATE VIEW \"{a.replace('-', '_')}\" AS SELECT * FROM read_parquet('{glob}', union_by_name=true)")
             return con.execute(sql).df()
         except duckdb.Error as e:
-            raise LayerlabError(f"query failed: {e}; tables here: {', '.join(self.analyses()) or 'none'}") from None
+            raise LayerlabError(f"query failed: {' '.join(str(e).split())}; tables here: {', '.join(self.analyses()) or 'none'}") from None
         finally:
             con.close()
 
