@@ -81,7 +81,12 @@ def test_drs_is_the_fraction_of_agreeing_grid_points() -> None:
 
     expect = torch.stack([(plane(*t, resolution=8).points.mean(dim=(1, 2, 3)) <= 0.5).double().mean() for t in trip]).mean()
     assert 0.0 < float(expect) < 1.0
+    def one(x: torch.Tensor) -> torch.Tensor:
+        return torch.ones(x.shape[0], dtype=torch.long)
+
     assert decision_region_similarity(brightness, zero, trip, resolution=8) == pytest.approx(float(expect), abs=1e-12)
+    assert decision_region_similarity(brightness, one, trip, resolution=8) == pytest.approx(1 - float(expect), abs=1e-12)
+    assert decision_region_similarity(zero, one, trip, resolution=8) == 0.0
     preds = region_predictions(brightness, trip, resolution=8)
     assert preds.shape == (3, 64)
 

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
-import math
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,7 +46,7 @@ from .errors import LayerlabError
 from .features import OUTPUT_KEY, Extractor
 from .layers import display_label, residual_blocks
 from .models import load_model
-from .probes import ProbeParams, fit_probe
+from .probes import fit_probe
 from .regions import grid_coords, iter_plane_batches, plane_basis, plane_coords, plane_points, sample_triplets
 from .similarity import CKAAccumulator
 from .store import Store, job_key
@@ -76,7 +74,7 @@ _MEMMAP_BYTES = 256 * 2**20
 class DynamicsConfig:
     """Everything that shapes the dynamics tables (and hence their store keys)."""
 
-    layers: tuple[str, ...] | None = None  # module names (or "output"); None: stem, every residual block, head
+    layers: tuple[str, ...] | None = None  # module names; None: stem and every residual block ("output" is always added)
     epochs: tuple[int, ...] | None = None  # checkpoints to analyse; None: all
     max_checkpoints: int | None = None  # keep at most this many (log-spaced, first and last always kept)
     images: int = 512  # CKA probe set: this many images of `split` (seeded), trimmed to whole batches
@@ -155,8 +153,16 @@ def select_epochs(available: Sequence[int], epochs: Sequence[int] | None = None,
 
 
 def default_layers(model: nn.Module) -> list[str]:
-    """Stem, every residual block (``layer3.1``, ``blocks.2``) and the head: the units Sharon & Dar follow."""
-    return list(residual_blocks(model))
+    """Stem and every residual block (``layer3.1``, ``blocks.2``): the units Sharon & Dar follow.
+
+    A final single-Linear head is left out: its output is the logits, which the ``"output"`` view always covers.
+    """
+    groups = residual_blocks(model)
+    names = list(groups)
+    modules = dict(model.named_modules())
+    if len(names) > 1 and len(groups[names[-1]]) == 1 and isinstance(modules[names[-1]], nn.Linear):
+        names = names[:-1]
+    return names
 
 
 def probe_features(t: torch.Tensor, pool: int = 2) -> torch.Tensor:
@@ -497,7 +503,7 @@ def compare(
     """Layer x layer CKA between two models on the same images: model_a, model_b, layer_a, label_a, layer_b,
     label_b, cka, estimator, kernel, n, n_batches, batch_size (minibatch unbiased CKA by default).
 
-    Layers default to each model's stem, residual blocks, head and output.
+    Layers default to each model's stem, residual blocks and output (the logits).
     """
     ma, mb = load_model(spec_a, device=device), load_model(spec_b, device=device)
     va, vb = _resolve_views(ma, layers_a), _resolve_views(mb, layers_b)
@@ -597,13 +603,13 @@ def decision_regions(
 
 # ==================================================================================================== demo
 #: analysis settings of the demo step: small enough for a 2-core CPU, the same code path as the full study
-DEMO_OPTIONS: dict[str, Any] = {"images": 256, "batch_size": 64, "max_checkpoints": 8, "triplets": 20,
-                                "resolution": 20, "probe_train": 500}
+DEMO_OPTIONS: dict[str, Any] = {"images": 256, "batch_size": 64, "triplets": 16, "resolution": 20,
+                                "probe_train": 500, "probe_iter": 50}
 
 
 def demo_layers(model: nn.Module, count: int = 4) -> list[str]:
     """About ``count`` blocks spread over the depth: the last block of each ResNet stage, or evenly spaced ViT blocks."""
-    blocks = default_layers(model)[1:-1] or default_layers(model)
+    blocks = default_layers(model)[1:] or default_layers(model)
     stages: dict[str, str] = {}
     for b in blocks:
         stages[b.rsplit(".", 1)[0]] = b  # keeps the last block of each stage
@@ -638,11 +644,12 @@ def _register_demo_step() -> None:
         first = zoo.entries[0].name
         ckpt_epochs = [e for e, _ in runs.checkpoints(zoo_dir / first)]
         fit = tables["training"].loc[tables["training"]["run"] == first, "first_fit_epoch"].iloc[0]
-        shown = sorted({ckpt_epochs[0], ckpt_epochs[1], ckpt_epochs[len(ckpt_epochs) // 4],
-                        int(fit) if pd.notna(fit) else ckpt_epochs[len(ckpt_epochs) // 2], ckpt_epochs[-1]})
+        middle = min(ckpt_epochs, key=lambda e: abs(e - fit)) if pd.notna(fit) else ckpt_epochs[len(ckpt_epochs) // 2]
+        shown = sorted({ckpt_epochs[0], ckpt_epochs[2], ckpt_epochs[len(ckpt_epochs) // 2], middle, ckpt_epochs[-1]})
         layers = demo_layers(_load(runs.checkpoints(zoo_dir / first)[0][1], "cpu"))
-        r = decision_regions(zoo_dir / first, epochs=shown, layers=layers, resolution=60,
-                             probe_train=DEMO_OPTIONS["probe_train"], device=ctx.device)
+        r = decision_regions(zoo_dir / first, epochs=shown, layers=layers, resolution=50,
+                             probe_train=DEMO_OPTIONS["probe_train"], probe_iter=DEMO_OPTIONS["probe_iter"],
+                             device=ctx.device)
         paths += save_figure(plot_regions(r["regions"], r["anchors"]), fig_dir, f"dynamics_regions_{first}")
         cka = tables["cka"]
         off = cka[(cka["epoch_a"] == cka.groupby("run")["epoch_a"].transform("min")) &

@@ -101,8 +101,8 @@ def matrix_grid(
             ax.set_xticks(ticks, [str(epochs[t]) for t in ticks], fontsize=6)
             ax.set_yticks(ticks, [str(epochs[t]) for t in ticks], fontsize=6)
             if run in fits:
-                pos = int(np.searchsorted(epochs, fits[run]))
-                if pos < len(epochs):
+                if epochs[0] <= fits[run] <= epochs[-1]:  # cells are checkpoints: place the epoch between them
+                    pos = float(np.interp(fits[run], epochs, np.arange(len(epochs))))
                     for line in (ax.axvline, ax.axhline):
                         line(pos, color="#00d5ff", lw=0.8, ls=":")
             ax.set_title(labels.get(layer, layer), fontsize=7, pad=2)
@@ -145,9 +145,8 @@ def probe_accuracy(probes: pd.DataFrame, training: pd.DataFrame | None = None, *
         ax.set_title(run, fontsize=9)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="lower right", framealpha=0.7)  # per panel: runs may have different layers
     axes[0].set_ylabel(f"linear probe {value.replace('_', ' ')}")
-    handles, names = axes[-1].get_legend_handles_labels()
-    fig.legend(handles, names, loc="outside right center", fontsize=7)
     fig.suptitle("Linear-probe accuracy per layer over training; dotted red: first epoch of 100% train acc.", fontsize=9)
     return fig
 
@@ -208,7 +207,7 @@ def decision_regions(regions: pd.DataFrame, anchors: pd.DataFrame, *, classes: S
             jj, ii = rows["j"].to_numpy(), rows["i"].to_numpy()
             img[jj, ii, :3] = palette[rows["pred"].to_numpy() % len(palette)]
             img[jj, ii, 3] = rows["confidence"].to_numpy()
-            ax.imshow(img, origin="lower", extent=extent, interpolation="nearest", aspect="auto")
+            ax.imshow(img, origin="lower", extent=extent, interpolation="nearest", aspect="equal")
             for _, a in anchors.iterrows():
                 ax.scatter(a["c1"], a["c2"], s=28, marker="o", facecolor=palette[int(a["class"]) % len(palette)],
                            edgecolor="k", linewidth=0.9, zorder=3)
