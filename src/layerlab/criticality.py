@@ -32,7 +32,6 @@ default. ``naive=True`` runs the reference implementation; both agree to float p
 """
 from __future__ import annotations
 
-import difflib
 import hashlib
 import math
 import re
@@ -52,7 +51,7 @@ from torch.func import functional_call
 
 from .data import ImageData, load_data
 from .errors import LayerlabError, NonFiniteError, ShapeError, check_finite
-from .layers import LEARNABLE, display_label, layers as learnable_layers, resolve_layers, residual_blocks
+from .layers import LEARNABLE, display_label, layers as learnable_layers, pick_by_name, resolve_layers, residual_blocks
 from .models import Normalized, fresh_model, load_model
 from .runs import checkpoints as run_checkpoints
 from .store import Store, job_key
@@ -235,18 +234,13 @@ def units_of(model: nn.Module, units: str = "layers", names: Sequence[str] | Non
     ]
     if not names:
         return all_units
-    by_key = {u.name: u for u in all_units} | {u.label: u for u in all_units}
-    out = []
-    for n in names:
-        if n not in by_key:
-            close = difflib.get_close_matches(n, list(by_key), n=3)
-            raise LayerlabError(
-                f"block {n!r} does not exist (units='blocks' selects residual blocks such as "
-                f"{', '.join(repr(u.name) for u in all_units[:3])})"
-                + (f"; did you mean {', '.join(map(repr, close))}?" if close else "")
-            )
-        out.append(by_key[n])
-    return out
+    return pick_by_name(
+        all_units,
+        names,
+        lambda n, close: f"block {n!r} does not exist (units='blocks' selects residual blocks such as "
+        f"{', '.join(repr(u.name) for u in all_units[:3])})"
+        + (f"; did you mean {', '.join(map(repr, close))}?" if close else ""),
+    )
 
 
 # ==================================================================================== stage decomposition

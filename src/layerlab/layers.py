@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
+from typing import Callable, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -15,6 +16,7 @@ from torch import nn
 from .errors import LayerlabError
 
 LEARNABLE = (nn.Conv2d, nn.Linear)
+T = TypeVar("T")
 _RESNET_BLOCK = re.compile(r"(?:^|\.)layer(\d+)\.(\d+)\.(.+)$")
 _VIT_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.(.+)$")
 
@@ -88,16 +90,25 @@ def resolve_layers(model: nn.Module, requested: list[str] | None) -> list[LayerI
     infos = layers(model)
     if not requested:
         return infos
-    by_key = {i.name: i for i in infos} | {i.label: i for i in infos}
+    return pick_by_name(
+        infos,
+        requested,
+        lambda r, close: f"layer {r!r} does not exist or is not a learnable Conv2d/Linear"
+        + (f" (did you mean {', '.join(map(repr, close))}?)" if close else "")
+        + "; list them with `layerlab layers SPEC`",
+    )
+
+
+def pick_by_name(items: Sequence[T], requested: Sequence[str], unknown: Callable[[str, list[str]], str]) -> list[T]:
+    """The items named in ``requested`` (by ``.name`` or ``.label``), in that order.
+
+    An unknown name raises LayerlabError with ``unknown(name, close_matches)`` as its message.
+    """
+    by_key = {i.name: i for i in items} | {i.label: i for i in items}
     out = []
     for r in requested:
         if r not in by_key:
-            close = difflib.get_close_matches(r, list(by_key), n=3)
-            raise LayerlabError(
-                f"layer {r!r} does not exist or is not a learnable Conv2d/Linear"
-                + (f" (did you mean {', '.join(map(repr, close))}?)" if close else "")
-                + "; list them with `layerlab layers SPEC`"
-            )
+            raise LayerlabError(unknown(r, difflib.get_close_matches(r, list(by_key), n=3)))
         out.append(by_key[r])
     return out
 
