@@ -5,15 +5,18 @@ Layers: every Conv2d and the fc output (21 for ResNet-18), self-similarity (all 
 own subprocess, so that its peak memory and thread pools are its own, and --repeat rounds run all methods in turn
 (interleaved, so that on a shared machine they see the same load); the time is the best round:
 
-* layerlab          minibatch unbiased CKA (Nguyen et al. 2021): b x b Grams formed inside the forward hooks,
-                    U-centred, accumulated in float64 (CKAAccumulator + iter_features(transform=acc.gram)).
+* layerlab          minibatch unbiased CKA (Nguyen et al. 2021), the defaults: batches handed to the model in
+                    channels_last layout (weights untouched), b x b Grams formed inside the forward hooks from
+                    mean-centred features in the features' precision (float32), U-centred and accumulated in
+                    float64 (CKAAccumulator + iter_features(transform=acc.gram)).
+* layerlab-float64  the same stream with gram_dtype=torch.float64 (centring and Gram matmul in float64 too).
 * layerlab-biased   the same stream with the biased HSIC_0 summed over batches (depends on the batch size).
-* layerlab-fp32gram the layerlab stream with the opt-in gram_dtype=torch.float32 (centring and Gram matmul in
-                    float32, U-centring and sums in float64).
 * pytorch-cka       `cka.compute_cka` (import name `cka`): minibatch unbiased HSIC_1, float32, clamped to [0, 1].
 * torch-cka         `torch_cka.CKA(...).compare`: minibatch unbiased HSIC_1 (batch mean), float32.
 * ckatorch          `ckatorch.CKA` is tried first; its `cka_batch` (minibatch unbiased HSIC_1, float64) is then
                     run on the full-N features reshaped to [N/b, b, D], once per layer pair (upper triangle).
+* forward-only(-cl) the same batches through the model with no hooks and no CKA, in the default NCHW layout
+                    (what the peers run) and channels_last (what layerlab runs): the floors.
 * reference         full-N features kept in float64 numpy; the textbook formulas written independently: biased
                     full-N CKA (H-centring), unbiased full-N (Song et al. 2012), and the minibatch unbiased and
                     biased estimators over the same batches.
@@ -43,14 +46,14 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 METHODS = [
-    "forward-only", "reference", "layerlab", "layerlab-biased", "layerlab-fp32gram",
+    "forward-only", "forward-only-cl", "reference", "layerlab", "layerlab-float64", "layerlab-biased",
     "pytorch-cka", "torch-cka", "ckatorch",
 ]
 PEERS = ["pytorch-cka", "torch-cka", "ckatorch"]
 ESTIMATOR = {  # which reference matrix each method is compared with
     "layerlab": "unbiased_mb",
     "layerlab-biased": "biased_mb",
-    "layerlab-fp32gram": "unbiased_mb",
+    "layerlab-float64": "unbiased_mb",
     "pytorch-cka": "unbiased_mb",
     "torch-cka": "unbiased_mb",
     "ckatorch": "unbiased_mb",
@@ -169,17 +172,17 @@ def full_features(model, names, images, batch: int, device: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- methods
-def run_layerlab(model, names, images, args, estimator: str = "unbiased", gram32: bool = False):
+def run_layerlab(model, names, images, args, estimator: str = "unbiased", gram64: bool = False):
     import torch
 
     from layerlab.features import iter_features
     from layerlab.similarity import CKAAccumulator
 
-    dtype = torch.float32 if gram32 else torch.float64
+    dtype = torch.float64 if gram64 else None  # None: the default, float32 Grams for float32 features
     acc = CKAAccumulator(len(names), names_a=names, estimator=estimator, gram_dtype=dtype)
-    for grams in iter_features(model, names, images, args.batch, args.device, transform=acc.gram):
+    for grams in iter_features(model, names, images, args.batch, args.device, transform=acc.gram, flatten=False):
         acc.update_grams(grams)
-    how = "float32 Gram matmul, float64 U-centring/sums" if gram32 else "float64"
+    how = f"{'+'.join(sorted(acc.gram_dtypes))} Gram matmul, float64 U-centring/sums, channels_last input"
     return {"cka": acc.compute().numpy()}, f"{estimator} minibatch, {how}"
 
 
@@ -236,13 +239,14 @@ def run_ckatorch(model, names, images, args):
     return {"cka": out}, note + "unbiased minibatch, float64"
 
 
-def run_forward_only(model, names, images, args):
+def run_forward_only(model, names, images, args, channels_last: bool = False):
     """The same batches through the model with no hooks and no CKA: the floor every method pays."""
     import torch
 
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     with torch.inference_mode():
         for s in range(0, len(images), args.batch):
-            model(images[s : s + args.batch].to(args.device))
+            model(images[s : s + args.batch].to(args.device).contiguous(memory_format=fmt))
     return {}, "no CKA: the forward passes alone"
 
 
@@ -304,10 +308,11 @@ def run_reference(model, names, images, args):
 
 IMPORTS = {  # imported before the clock starts
     "forward-only": "",
+    "forward-only-cl": "",
     "reference": "",
     "layerlab": "import layerlab.features, layerlab.similarity",
     "layerlab-biased": "import layerlab.features, layerlab.similarity",
-    "layerlab-fp32gram": "import layerlab.features, layerlab.similarity",
+    "layerlab-float64": "import layerlab.features, layerlab.similarity",
     "pytorch-cka": "import cka",
     "torch-cka": "import torch_cka",
     "ckatorch": "",  # imported inside its runner, behind the seaborn check (cheap once torch is loaded)
@@ -315,10 +320,11 @@ IMPORTS = {  # imported before the clock starts
 
 RUNNERS = {
     "forward-only": run_forward_only,
+    "forward-only-cl": lambda *a: run_forward_only(*a, channels_last=True),
     "reference": run_reference,
     "layerlab": run_layerlab,
     "layerlab-biased": lambda *a: run_layerlab(*a, estimator="biased"),
-    "layerlab-fp32gram": lambda *a: run_layerlab(*a, gram32=True),
+    "layerlab-float64": lambda *a: run_layerlab(*a, gram64=True),
     "pytorch-cka": run_pytorch_cka,
     "torch-cka": run_torch_cka,
     "ckatorch": run_ckatorch,
@@ -447,7 +453,7 @@ def main() -> None:
     unknown = set(methods) - set(METHODS)
     if unknown:
         p.error(f"unknown --methods {sorted(unknown)}; choose from {METHODS}")
-    for required in ("reference", "forward-only"):
+    for required in ("reference", "forward-only-cl", "forward-only"):
         if required not in methods:
             methods.insert(0, required)
     avail = availability()
@@ -505,8 +511,9 @@ def report(rows: list[dict], ns: list[int], args: argparse.Namespace) -> None:
                 continue
             if r["method"] == "reference":
                 est, err = "float64 ref: all four estimators", "-"
-            elif r["method"] == "forward-only":
-                est, err = "none (floor: forward passes only)", "-"
+            elif r["method"].startswith("forward-only"):
+                layout = "channels_last" if r["method"].endswith("-cl") else "NCHW"
+                est, err = f"none (floor: {layout} forwards only)", "-"
             else:
                 key = ESTIMATOR[r["method"]]
                 est = REF_LABEL[key]
@@ -516,7 +523,7 @@ def report(rows: list[dict], ns: list[int], args: argparse.Namespace) -> None:
                   f"{mem:>17.1f}{err:>13}")
     print()
     for r in rows:
-        if "note" in r and r["method"] not in ("reference", "forward-only"):
+        if "note" in r and r["method"] not in ("reference", "forward-only", "forward-only-cl"):
             print(f"# N={r['n']} {r['method']}: {r['note']}")
     for n in ns:
         ref = next((r for r in rows if r["n"] == n and r["method"] == "reference" and "mats" in r), None)
@@ -533,10 +540,13 @@ def report(rows: list[dict], ns: list[int], args: argparse.Namespace) -> None:
             fastest = min(peers, key=lambda r: r["time_s"])
             print(f"# N={n} layerlab {ok['layerlab']['time_s']:.2f} s vs fastest peer {fastest['method']} "
                   f"{fastest['time_s']:.2f} s: speed-up x{fastest['time_s'] / ok['layerlab']['time_s']:.2f}")
-            if "forward-only" in ok:
-                floor = ok["forward-only"]["time_s"]
-                extra = ", ".join(f"{r['method']} {r['time_s'] - floor:.2f} s" for r in [ok["layerlab"], *peers])
-                print(f"# N={n} time beyond the forward passes ({floor:.2f} s): {extra}")
+            if "forward-only" in ok and "forward-only-cl" in ok:
+                floor, floor_cl = ok["forward-only"]["time_s"], ok["forward-only-cl"]["time_s"]
+                extra = ", ".join(f"{r['method']} {r['time_s'] - floor:.2f} s" for r in peers)
+                print(f"# N={n} time beyond the forward passes: layerlab {ok['layerlab']['time_s'] - floor_cl:.2f} s "
+                      f"(channels_last floor {floor_cl:.2f} s); {extra} (NCHW floor {floor:.2f} s)")
+                print(f"# N={n} ceiling: a CKA that cost nothing beyond layerlab's forward passes would be "
+                      f"x{fastest['time_s'] / floor_cl:.2f} the speed of {fastest['method']}")
     if len(ns) > 1:
         for method in dict.fromkeys(r["method"] for r in rows):
             mem = {r["n"]: r["rss_mib"] for r in rows if r["method"] == method and "rss_mib" in r}

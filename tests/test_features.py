@@ -129,6 +129,23 @@ def test_iter_features_streams_batches_in_inference_mode_and_restores_modes(net)
     assert hook_count(net) == 0
 
 
+def test_iter_features_channels_last_input_same_values_and_model_untouched(net):
+    net.eval()
+    x = torch.rand(12, 3, 8, 8)
+    before = {k: (v.clone(), v.stride()) for k, v in net.state_dict().items()}
+    fast = list(iter_features(net, ["stem", "block.0"], x, batch_size=6, flatten=False))
+    plain = list(iter_features(net, ["stem", "block.0"], x, batch_size=6, flatten=False, channels_last=False))
+    assert fast[0]["stem"].is_contiguous(memory_format=torch.channels_last)  # the layout did change
+    assert plain[0]["stem"].is_contiguous()
+    for a, b in zip(fast, plain):
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=1e-6)
+    flat = list(iter_features(net, ["stem"], x, batch_size=6))  # flatten=True: NCHW order whatever the layout
+    assert torch.allclose(flat[0]["stem"], plain[0]["stem"].reshape(6, -1), atol=1e-6)
+    for k, v in net.state_dict().items():  # weights neither converted nor changed
+        assert torch.equal(v, before[k][0]) and v.stride() == before[k][1]
+
+
 def test_iter_features_closed_early_restores_train_mode(net):
     net.train()
     gen = iter_features(net, ["stem"], torch.rand(8, 3, 8, 8), batch_size=2)

@@ -170,16 +170,23 @@ def test_cka_from_grams_matches_feature_api(xy):
 
 
 # ---------------------------------------------------------------- streaming accumulator
-def make_layers(n: int, seed: int) -> list[torch.Tensor]:
-    """Five related 'layers' of different widths and shapes, uncentred like ReLU features."""
+def make_layers(n: int, seed: int, dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
+    """Five related 'layers' of different widths and shapes, uncentred like ReLU features.
+
+    float64 by default, so that the accumulator's automatic Gram precision is float64 and the estimator
+    arithmetic can be compared with numpy to 1e-10 (float32 features get float32 Grams: tested separately).
+    """
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(n, 16, generator=g)
     return [
-        torch.relu(base @ torch.randn(16, 32, generator=g)) + 1.0,
-        torch.relu(base @ torch.randn(16, 8, generator=g)).reshape(n, 2, 2, 2),
-        base[:, :4] ** 2,
-        torch.randn(n, 6, generator=g),
-        base @ torch.randn(16, 3, generator=g) + 0.5 * torch.randn(n, 3, generator=g),
+        t.to(dtype)
+        for t in (
+            torch.relu(base @ torch.randn(16, 32, generator=g)) + 1.0,
+            torch.relu(base @ torch.randn(16, 8, generator=g)).reshape(n, 2, 2, 2),
+            base[:, :4] ** 2,
+            torch.randn(n, 6, generator=g),
+            base @ torch.randn(16, 3, generator=g) + 0.5 * torch.randn(n, 3, generator=g),
+        )
     ]
 
 
@@ -276,15 +283,14 @@ def test_float32_relu_features_with_large_offsets_match_float64():
     for unbiased in ESTIMATORS:
         want = np_cka_grams(np_gram(x64.numpy() - x64.numpy().mean(0)), np_gram(y64.numpy()), unbiased)
         assert linear_cka(x, y, unbiased=unbiased) == pytest.approx(want, abs=1e-6)
-    acc = CKAAccumulator(2)
-    for s in range(0, 256, 64):
-        acc.update([x[s : s + 64], y[s : s + 64]])
     want = np_minibatch_cka(list(x64.numpy().reshape(4, 64, -1)), list(y64.numpy().reshape(4, 64, -1)))
-    assert acc.compute()[0, 1].item() == pytest.approx(want, abs=1e-6)
-    fast = CKAAccumulator(2, gram_dtype=torch.float32)  # the opt-in float32 Gram matmul
-    for s in range(0, 256, 64):
-        fast.update([x[s : s + 64], y[s : s + 64]])
-    assert fast.compute()[0, 1].item() == pytest.approx(want, abs=1e-6)
+    # auto (float32 Gram for float32 features), forced float32, forced float64
+    for dtype, used in ((None, "float32"), (torch.float32, "float32"), (torch.float64, "float64")):
+        acc = CKAAccumulator(2, gram_dtype=dtype)
+        for s in range(0, 256, 64):
+            acc.update([x[s : s + 64], y[s : s + 64]])
+        assert acc.compute()[0, 1].item() == pytest.approx(want, abs=1e-6), dtype
+        assert acc.gram_dtypes == {used} and set(acc.to_frame().gram_dtype) == {used}
     # the test is sensitive: the same estimator on uncentred float32 Grams is off by far more than 1e-6
     k32 = (x[:64] @ x[:64].T).numpy()
     l32 = (y[:64] @ y[:64].T).numpy()
@@ -297,6 +303,36 @@ def test_float32_relu_features_with_large_offsets_match_float64():
     naive_cka = naive(k32, l32) / np.sqrt(abs(naive(k32, k32) * naive(l32, l32)))
     exact = np_cka_grams(np_gram(x64[:64].numpy()), np_gram(y64[:64].numpy()), True)
     assert not abs(naive_cka - exact) < 1e-6
+
+
+def test_gram_precision_follows_the_features_and_is_recorded():
+    acc = CKAAccumulator(1)
+    assert acc.gram(torch.randn(8, 5, dtype=torch.float64)).dtype == torch.float64
+    assert acc.gram_dtypes == {"float64"}
+    assert acc.gram(torch.randn(8, 5)).dtype == torch.float64  # float32 matmul, promoted [n, n] result
+    assert acc.gram_dtypes == {"float32", "float64"}
+    acc.update_grams([acc.gram(torch.randn(8, 5))])
+    assert set(acc.to_frame().gram_dtype) == {"float32+float64"}
+    given = CKAAccumulator(1)
+    given.update_grams([gram_linear(torch.randn(8, 5))])
+    assert set(given.to_frame().gram_dtype) == {"given"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gram_of_channels_last_maps_needs_no_copy_and_equals_the_nchw_gram(dtype):
+    """The Gram does not depend on the order of the feature columns: a channels_last map is flattened as
+    [n, H, W, C], a view of its memory, and gives the NCHW Gram up to rounding."""
+    from layerlab.similarity import _flat_rows
+
+    x = torch.randn(16, 6, 5, 7, dtype=dtype) + 3.0
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert _flat_rows(cl).data_ptr() == cl.data_ptr() and _flat_rows(cl).is_contiguous()  # a view, no copy
+    acc = CKAAccumulator(1)
+    tol = 1e-12 if dtype == torch.float64 else 1e-4
+    assert torch.allclose(acc.gram(cl), acc.gram(x), rtol=tol, atol=tol * 100)
+    # the reordered flattening really is a different column order (the test above can fail)
+    assert not torch.equal(_flat_rows(cl), x.reshape(16, -1))
+    assert torch.allclose(acc.gram(cl), gram_linear(x.double()), rtol=tol, atol=tol * 100)
 
 
 # ---------------------------------------------------------------- errors

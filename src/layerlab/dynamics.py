@@ -43,7 +43,7 @@ from torch import nn
 from . import runs
 from .data import ImageData, load_data
 from .errors import LayerlabError
-from .features import OUTPUT_KEY, Extractor
+from .features import OUTPUT_KEY, Extractor, as_input
 from .layers import display_label, residual_blocks
 from .models import load_model
 from .probes import fit_probe
@@ -239,25 +239,23 @@ def _features(model: nn.Module, layers: list[str], images: torch.Tensor, batch: 
     with Extractor(model, layers, pool=False, flatten=False, include_output=output, transform=transform) as ex:
         for start in range(0, images.shape[0], batch):
             with torch.inference_mode():
-                feats = ex(images[start : start + batch].to(device))
+                feats = ex(as_input(images[start : start + batch].to(device)))
             for k, v in feats.items():
                 out.setdefault(k, []).append(v.cpu())
     return out
 
 
-def _flat_gram(gram: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda t: gram(t.reshape(t.shape[0], -1))
-
-
 def _checkpoint_pass(model: nn.Module, cfg: DynamicsConfig, inputs: _Inputs, cka_views: list[str],
                      probe_layers: list[str], drs_views: list[str], device: str | torch.device) -> dict[str, Any]:
     """Everything one checkpoint contributes: Gram matrices, fitted probes and their scores, plane predictions."""
-    result: dict[str, Any] = {"grams": {}, "probes": {}, "preds": {}}
+    result: dict[str, Any] = {"grams": {}, "probes": {}, "preds": {}, "gram_dtypes": set()}
     if cka_views:
-        gram = _flat_gram(CKAAccumulator(1, kernel=cfg.kernel).gram)
+        grammer = CKAAccumulator(1, kernel=cfg.kernel)  # only its gram(): Grams formed inside the hooks
         inner = [v for v in cka_views if v != OUTPUT_KEY]
-        feats = _features(model, inner, inputs.cka_images, inputs.cka_batch, device, gram, OUTPUT_KEY in cka_views)
+        feats = _features(model, inner, inputs.cka_images, inputs.cka_batch, device, grammer.gram,
+                          OUTPUT_KEY in cka_views)
         result["grams"] = {v: torch.stack(feats[v]) for v in cka_views}
+        result["gram_dtypes"] = grammer.gram_dtypes
     if probe_layers:
         view = lambda t: probe_features(t, cfg.probe_pool).float()  # noqa: E731
         tr = _features(model, probe_layers, inputs.probe_train.float(), 256, device, view)
@@ -282,10 +280,11 @@ def _view_logits(model: nn.Module, layers: list[str], probes: dict[str, tuple], 
                    transform=lambda t: probe_features(t, pool).float()) if layers else None
 
     def fn(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = as_input(x.to(device))
         with torch.inference_mode():
             if ex is None:
-                return {OUTPUT_KEY: model(x.to(device)).float()}
-            feats = ex(x.to(device))
+                return {OUTPUT_KEY: model(x).float()}
+            feats = ex(x)
             out = {l: feats[l] @ folded[l][0] + folded[l][1] for l in layers}
             out[OUTPUT_KEY] = feats[OUTPUT_KEY].float()
             return out
@@ -306,7 +305,7 @@ def _plane_predictions(model: nn.Module, cfg: DynamicsConfig, inputs: _Inputs, v
 
 
 # -------------------------------------------------------------------------------------------- assembling
-def _cka_frame(grams: list[torch.Tensor], epochs: list[int], cfg: DynamicsConfig) -> pd.DataFrame:
+def _cka_frame(grams: list[torch.Tensor], epochs: list[int], cfg: DynamicsConfig, gram_dtype: str) -> pd.DataFrame:
     """grams: per checkpoint [n_batches, b, b] -> tidy epoch x epoch CKA table."""
     acc = CKAAccumulator(len(epochs), kernel=cfg.kernel, estimator=cfg.estimator, names_a=[str(e) for e in epochs])
     for bi in range(grams[0].shape[0]):
@@ -315,6 +314,7 @@ def _cka_frame(grams: list[torch.Tensor], epochs: list[int], cfg: DynamicsConfig
     f["epoch_a"] = f["epoch_a"].astype(int)
     f["epoch_b"] = f["epoch_b"].astype(int)
     f["batch_size"] = int(grams[0].shape[-1])
+    f["gram_dtype"] = gram_dtype
     return f
 
 
@@ -453,12 +453,14 @@ def _compute(run: Path, ckpts: dict[int, Path], epochs: list[int], cfg: Dynamics
     points = cfg.triplets * cfg.resolution**2
     preds = _pred_array(k, len(drs_views), points) if drs_views else None
     grams: dict[str, list[torch.Tensor]] = {v: [] for v in cka_views}
+    gram_dtypes: set[str] = set()
     probe_rows: list[dict[str, Any]] = []
     for i, epoch in enumerate(_progress(epochs, progress, f"dynamics {run.name}")):
         model = first if i == 0 else _load(ckpts[epoch], device)
         res = _checkpoint_pass(model, cfg, inputs, cka_views, probe_layers, drs_views, device)
         for v in cka_views:
             grams[v].append(res["grams"][v])
+        gram_dtypes |= res["gram_dtypes"]
         for layer, (p, tr_acc, te_acc, dim) in res["probes"].items():
             probe_rows.append({"layer": layer, "epoch": epoch, "train_acc": tr_acc, "test_acc": te_acc, "dim": dim,
                                "method": cfg.probe_method, "l2": cfg.probe_l2, "n_train": len(probe_train),
@@ -469,7 +471,7 @@ def _compute(run: Path, ckpts: dict[int, Path], epochs: list[int], cfg: Dynamics
 
     out: dict[tuple[str, str], pd.DataFrame] = {}
     for v in cka_views:
-        out[("cka", v)] = _cka_frame(grams[v], epochs, cfg)
+        out[("cka", v)] = _cka_frame(grams[v], epochs, cfg, "+".join(sorted(gram_dtypes)))
     probes = pd.DataFrame(probe_rows)
     for (t, v) in missing:
         if t == "probes":
@@ -509,7 +511,7 @@ def compare(
     va, vb = _resolve_views(ma, layers_a), _resolve_views(mb, layers_b)
     probe, b = _trim(load_data(data, split, n=images, seed=seed), batch_size)
     acc = CKAAccumulator(len(va), len(vb), kernel=kernel, estimator=estimator, names_a=va, names_b=vb)
-    gram = _flat_gram(acc.gram)
+    gram = acc.gram
     x = probe.float()
 
     def grams(model: nn.Module, views: list[str]) -> dict[str, list[torch.Tensor]]:

@@ -17,9 +17,11 @@ does not depend on the batch size beyond sampling noise. The biased estimator su
 the batch size; with a single batch of all N inputs it is Kornblith's full-N CKA. Full-N biased and minibatch
 unbiased CKA differ by up to 0.57 on a ResNet-18 (METHODS.md section 2): always report which one you used.
 
-Numerics: everything is computed in float64, and linear features are centred (their batch mean subtracted) before
-the Gram matrix is formed. Centring leaves both estimators unchanged mathematically and removes the cancellation
-that makes the textbook formula on uncentred float32 ReLU features lose several hundredths or return NaN.
+Numerics: linear features are centred (their batch mean subtracted) before the Gram matrix is formed, and
+U-centring, HSIC and all sums run in float64; the accumulator's Gram matmul runs in the features' precision (at
+least float32, see ``CKAAccumulator``), the functional API's in float64. Centring leaves both estimators
+unchanged mathematically and removes the cancellation that makes the textbook formula on uncentred float32 ReLU
+features lose several hundredths or return NaN.
 
 Layout (torchmetrics habit): ``_hsic_update`` reduces a batch of Gram matrices to HSIC sums, ``_cka_compute``
 turns sums into CKA; the functional API and :class:`CKAAccumulator` call the same two functions.
@@ -127,14 +129,42 @@ def _check_gram(k: torch.Tensor | np.ndarray, name: str, finite: bool = True) ->
     return k
 
 
-def _gram_linear(x: torch.Tensor | np.ndarray, name: str = "x", dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Centred linear Gram in float64; with dtype=float32 the centring and the matmul run in float32 and only the
-    [n, n] result is promoted (half the matmul cost; an opt-in of CKAAccumulator)."""
-    if dtype == torch.float64:
-        xc = _centred_features(x, name)
-        return xc @ xc.T
+def _flat_rows(x: torch.Tensor) -> torch.Tensor:
+    """[n, ...] -> [n, d] in whatever feature order the memory already has.
+
+    A Gram matrix does not depend on the order of the feature columns, so a channels_last conv map
+    [n, C, H, W] is flattened as [n, H, W, C] (a view) instead of being copied into NCHW order.
+    """
+    if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        x = x.permute(0, 2, 3, 1)
+    return x.reshape(x.shape[0], -1)
+
+
+def _resolve_gram_dtype(x: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """None ('auto'): float64 Grams for float64 features, float32 Grams for everything else."""
+    if dtype is not None:
+        return dtype
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _gram_linear(
+    x: torch.Tensor | np.ndarray, name: str = "x", dtype: torch.dtype | None = torch.float64
+) -> torch.Tensor:
+    """Centred linear Gram [n, n], returned in float64.
+
+    dtype=float64: centring and matmul in float64. dtype=float32: centring and matmul in float32, only the
+    [n, n] result is promoted (half the matmul cost, no float64 copy of the features). dtype=None picks float32
+    for float32/16 features and float64 for float64 ones. The centred float32 Gram stays within ~1e-9 of the
+    float64 one in CKA terms: the batch mean is subtracted first (so no large offset cancels later) and any
+    rounding in that mean is a constant shift, which both estimators ignore.
+    """
     x = _check_features(x, name).detach()
-    x = x.reshape(x.shape[0], -1).to(dtype)
+    dtype = _resolve_gram_dtype(x, dtype)
+    if dtype == torch.float64:
+        xc = _flat_rows(x).to(dtype=torch.float64, copy=True)  # a private copy, centred in place
+        xc.sub_(xc.mean(dim=0, keepdim=True))
+        return xc @ xc.T
+    x = _flat_rows(x).to(dtype)
     xc = x - x.mean(dim=0, keepdim=True)  # a correctly rounded difference: float32-accurate centred features
     return (xc @ xc.T).to(torch.float64)
 
@@ -341,9 +371,11 @@ class CKAAccumulator:
     is biased towards higher values for small batches); with one update of all N inputs it equals Kornblith et
     al.'s full-N CKA. ``kernel='rbf'`` takes its bandwidth from each batch's median distance.
 
-    ``gram_dtype=torch.float32`` (linear kernel only, opt-in) centres and multiplies the features in float32 and
-    promotes the b x b Gram to float64 before U-centring and accumulation: half the cost of the Gram matmul; on
-    ResNet-18 features it stays within 1e-8 of the all-float64 default (tested to 1e-6 on offset ReLU features).
+    ``gram_dtype`` (linear kernel) sets the precision of the per-layer Gram matmul only; U-centring and all sums
+    are float64 whatever it is. ``None`` (default, "auto") uses float32 for float32/16 features and float64 for
+    float64 features: the features are mean-centred in float32 first, so the float32 Gram stays within ~2e-9 of
+    the all-float64 result on ResNet-18 features (benchmarks/cka.py; tested to 1e-6 on offset ReLU features) at
+    half the matmul cost and without a float64 copy of every activation. ``torch.float64`` forces float64.
 
     ``n_b=None`` means self-similarity: one group of features per update, Grams shared by both sides.
     Features may be given as a sequence (ordered like ``names_*``) or a mapping name -> tensor.
@@ -366,7 +398,7 @@ class CKAAccumulator:
         sigma: float = 0.8,
         names_a: Sequence[str] | None = None,
         names_b: Sequence[str] | None = None,
-        gram_dtype: torch.dtype = torch.float64,
+        gram_dtype: torch.dtype | None = None,
     ) -> None:
         if kernel not in _KERNELS:
             raise LayerlabError(f"kernel: expected one of {_KERNELS}, got {kernel!r}")
@@ -382,9 +414,12 @@ class CKAAccumulator:
         self.self_similarity = n_b is None
         self.kernel: str = kernel
         self.estimator: str = estimator
-        if gram_dtype not in (torch.float64, torch.float32):
-            raise LayerlabError(f"gram_dtype: expected torch.float64 (default) or torch.float32, got {gram_dtype!r}")
-        if gram_dtype != torch.float64 and kernel != "linear":
+        if gram_dtype not in (None, torch.float64, torch.float32):
+            raise LayerlabError(
+                f"gram_dtype: expected None (auto: float32 for float32 features), torch.float32 or torch.float64, "
+                f"got {gram_dtype!r}"
+            )
+        if gram_dtype == torch.float32 and kernel != "linear":
             raise LayerlabError(
                 "gram_dtype=torch.float32 applies to the linear kernel only (RBF distances need float64); "
                 "drop gram_dtype or use kernel='linear'"
@@ -414,6 +449,7 @@ class CKAAccumulator:
         self.n_samples = 0
         self.n_batches = 0
         self.batch_sizes: set[int] = set()
+        self.gram_dtypes: set[str] = set()  # precisions of the Gram matmuls run by gram() (for to_frame)
 
     # -- inputs ---------------------------------------------------------------------------------------------
     def gram(self, x: torch.Tensor) -> torch.Tensor:
@@ -424,7 +460,11 @@ class CKAAccumulator:
         """
         # finiteness is checked once per update on the HSIC sums (a NaN or inf anywhere reaches them)
         if self.kernel == "linear":
-            return _gram_linear(x, dtype=self.gram_dtype)
+            x = _check_features(x, "x")
+            dtype = _resolve_gram_dtype(x, self.gram_dtype)
+            self.gram_dtypes.add(str(dtype).removeprefix("torch."))
+            return _gram_linear(x, dtype=dtype)
+        self.gram_dtypes.add("float64")
         return gram_rbf(x, self.sigma)
 
     def _ordered(self, group: TensorGroup | None, side: str) -> list[torch.Tensor]:
@@ -533,6 +573,8 @@ class CKAAccumulator:
         """Tidy table, one row per layer pair: layer_a, layer_b, cka, estimator, kernel, n, n_batches, gram_dtype.
 
         ``n`` is the number of inputs seen; ``n_batches`` tells minibatch estimates (> 1) from full-N ones (1).
+        ``gram_dtype`` is the precision of the Gram matmuls this accumulator ran ("float32", "float64", both
+        joined by "+", or "given" when every Gram came from the caller through :meth:`update_grams`).
         """
         import pandas as pd
 
@@ -549,7 +591,7 @@ class CKAAccumulator:
         frame["kernel"] = self.kernel
         frame["n"] = self.n_samples
         frame["n_batches"] = self.n_batches
-        frame["gram_dtype"] = str(self.gram_dtype).removeprefix("torch.")
+        frame["gram_dtype"] = "+".join(sorted(self.gram_dtypes)) or "given"
         return frame
 
     def __repr__(self) -> str:
