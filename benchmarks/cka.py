@@ -215,7 +215,6 @@ def run_ckatorch(model, names, images, args):
     import warnings
 
     import numpy as np
-    import torch
 
     seaborn = sys.modules.get("seaborn")
     note = "seaborn (plot-only dependency) missing: stubbed; " if getattr(seaborn, "__file__", None) is None else ""

@@ -23,7 +23,6 @@ import time
 from itertools import combinations
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import layerlab
-from layerlab.errors import LayerlabError, SpecError
+from layerlab.errors import LayerlabError
 from layerlab.layers import display_label, resolve_layers, residual_blocks
 from layerlab.models import ModelSpec, Normalized, fresh_model, load_model, read_checkpoint_meta, save_checkpoint
 

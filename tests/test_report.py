@@ -11,10 +11,8 @@ import json
 import os
 import select
 import shutil
-import signal
 import subprocess
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -25,19 +23,15 @@ import pytest
 from layerlab.errors import LayerlabError
 from layerlab.report import collect, criticality_accuracy, generic_summary, render, table_html, write_report
 
+from helpers import Deadline, write  # noqa: E402
+
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 
 
 @pytest.fixture(autouse=True)
 def _deadline():
-    def expire(signum, frame):
-        raise TimeoutError("test ran past its 150 s deadline")
-
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(150)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
+    with Deadline(150):
+        yield
 
 
 # -------------------------------------------------------------------------------------------- pure pieces
@@ -114,15 +108,15 @@ def demo_like(tmp_path_factory) -> Path:
     from layerlab.sweep import run_sweep
 
     base = tmp_path_factory.mktemp("report")
-    (base / "zoo.yaml").write_text(ZOO)
-    (base / "s.yaml").write_text(textwrap.dedent("""
+    write(base / "zoo.yaml", ZOO)
+    write(base / "s.yaml", """
         name: demo-like
         zoo: zoo.yaml
         retries: 0
         analyses:
           criticality: {trials: 2, images: 32}
           probe: {jobs: 2, fail: always, faulty: [1]}
-    """))
+    """)
     out = base / "out"
     result = run_sweep(base / "s.yaml", out, progress=False)
     assert result.count("done") == 7 and result.count("failed") == 1

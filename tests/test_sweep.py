@@ -9,11 +9,8 @@ import json
 import signal
 import subprocess
 import sys
-import textwrap
 import time
-from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
 from layerlab.engines import import_ray, topo_order
@@ -21,55 +18,13 @@ from layerlab.errors import LayerlabError, SpecError
 from layerlab.store import Store
 from layerlab.sweep import Job, expand, failures, load_sweep, plan, run_sweep
 
-TINY = "timm:resnet18?channels=8,16,32,64&stem_width=8&num_classes=10"
-TINY_ZOO = """
-name: tiny
-arch: "timm:resnet18?channels=8,16,32,64&stem_width=8"
-data: digits
-defaults: {epochs: 1, checkpoints: final, train_n: 200}
-models:
-  baseline: {recipe: baseline}
-  adam: {recipe: adam}
-"""
-
+from helpers import TINY, TINY_ZOO, Deadline, assert_clean, executions, shard_files, write  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _deadline():
     """No test here may run past 150 s (SIGALRM raises in the test, which then fails)."""
-
-    def expire(signum, frame):
-        raise TimeoutError("test ran past its 150 s deadline")
-
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(150)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
-
-
-def write(path: Path, text: str) -> Path:
-    path.write_text(textwrap.dedent(text))
-    return path
-
-
-def executions(out: Path) -> dict[str, int]:
-    """Probe executions per job key (each execution leaves one run-* marker)."""
-    base = out / "probe"
-    return {d.name: len(list(d.glob("run-*"))) for d in base.iterdir()} if base.is_dir() else {}
-
-
-def shard_files(out: Path, analysis: str) -> dict[str, int]:
-    return {p.stem: p.stat().st_mtime_ns for p in (out / "shards" / analysis).glob("*.parquet")}
-
-
-def assert_clean(out: Path, analysis: str, expected: int, *, temps_ok: bool = False) -> None:
-    """Every expected shard present exactly once and readable; no temp file left (a kill may leave one, unused)."""
-    files = sorted((out / "shards" / analysis).iterdir())
-    shards = [p for p in files if p.suffix == ".parquet"]
-    assert len(shards) == expected, [p.name for p in files]
-    for p in shards:
-        assert len(pq.read_table(p)) >= 1
-    assert temps_ok or not [p for p in files if p.name.endswith(".tmp")]
+    with Deadline(150):
+        yield
 
 
 # ----------------------------------------------------------------------------------------------- parsing

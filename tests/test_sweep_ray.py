@@ -7,12 +7,10 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
 
 ray = pytest.importorskip("ray")
@@ -20,42 +18,15 @@ ray = pytest.importorskip("ray")
 from layerlab.store import Store  # noqa: E402
 from layerlab.sweep import failures, run_sweep  # noqa: E402
 
+from helpers import TINY, TINY_ZOO, Deadline, assert_clean, executions, shard_files, write  # noqa: E402
+
 pytestmark = pytest.mark.ray
-
-TINY = "timm:resnet18?channels=8,16,32,64&stem_width=8&num_classes=10"
-TINY_ZOO = """
-name: tiny
-arch: "timm:resnet18?channels=8,16,32,64&stem_width=8"
-data: digits
-defaults: {epochs: 1, checkpoints: final, train_n: 200}
-models:
-  baseline: {recipe: baseline}
-  adam: {recipe: adam}
-"""
-
-
-class _Deadline:
-    """SIGALRM after ``seconds``: a hung cluster fails the test instead of hanging the suite."""
-
-    def __init__(self, seconds: int) -> None:
-        self.seconds = seconds
-
-    def __enter__(self):
-        def expire(signum, frame):
-            raise TimeoutError(f"ran past its {self.seconds} s deadline")
-
-        self.old = signal.signal(signal.SIGALRM, expire)
-        signal.alarm(self.seconds)
-
-    def __exit__(self, *exc):
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, self.old)
 
 
 @pytest.fixture(scope="module")
 def cluster() -> str:
     """A local 2-CPU Ray cluster on loopback for the whole module; yields its address for other drivers."""
-    with _Deadline(90):
+    with Deadline(90):
         info = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     yield info.address_info["gcs_address"]
     ray.shutdown()
@@ -63,31 +34,8 @@ def cluster() -> str:
 
 @pytest.fixture(autouse=True)
 def _deadline():
-    with _Deadline(120):
+    with Deadline(120):
         yield
-
-
-def write(path: Path, text: str) -> Path:
-    path.write_text(textwrap.dedent(text))
-    return path
-
-
-def executions(out: Path) -> dict[str, int]:
-    base = out / "probe"
-    return {d.name: len(list(d.glob("run-*"))) for d in base.iterdir()} if base.is_dir() else {}
-
-
-def shard_files(out: Path, analysis: str) -> dict[str, int]:
-    return {p.stem: p.stat().st_mtime_ns for p in (out / "shards" / analysis).glob("*.parquet")}
-
-
-def assert_clean(out: Path, analysis: str, expected: int, *, temps_ok: bool = False) -> None:
-    files = sorted((out / "shards" / analysis).iterdir())
-    shards = [p for p in files if p.suffix == ".parquet"]
-    assert len(shards) == expected, [p.name for p in files]
-    for p in shards:
-        assert len(pq.read_table(p)) >= 1
-    assert temps_ok or not [p for p in files if p.name.endswith(".tmp")]
 
 
 def driver(sweep: Path, out: Path, address: str) -> subprocess.Popen:

@@ -266,8 +266,8 @@ def _invert_batch(model: nn.Module, layer: str, images: torch.Tensor, start: tor
         raise NonFiniteError(f"the features of layer {layer!r} on the original images hold NaN or inf; check the model")
     x = start.clone()
     best, best_loss = x.clone(), torch.full((x.shape[0],), math.inf, device=device)
-    for step in range(steps + 1):
-        last = step == steps
+    for i in range(steps + 1):
+        last = i == steps
         x.requires_grad_(not last)
         with torch.set_grad_enabled(not last), amp:
             loss = matching_loss(_features(model, layer, x), target)

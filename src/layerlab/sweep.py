@@ -41,15 +41,14 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import pandas as pd
-import yaml
 
 from .errors import LayerlabError, SpecError
 from .registry import Registry
+from .specfiles import builtin_file, read_spec
 from .store import Store, atomic_write_text, job_key
 
 __all__ = ["JOB_KINDS", "Job", "JobKind", "Sweep", "SweepResult", "expand", "failures", "job_kind", "load_sweep",
@@ -360,12 +359,7 @@ class Job:
 
 def builtin_sweep(name: str) -> Path:
     """Path of a sweep file shipped with layerlab (``demo``)."""
-    folder = resources.files("layerlab") / "sweeps"
-    p = folder / f"{name}.yaml"
-    if not p.is_file():
-        known = sorted(f.name.removesuffix(".yaml") for f in folder.iterdir() if f.name.endswith(".yaml"))
-        raise SpecError(f"no sweep file {name!r} and no built-in sweep of that name; built-in sweeps: {', '.join(known)}")
-    return Path(str(p))
+    return builtin_file("sweep", "sweeps", name)
 
 
 def _unknown(what: str, got: Sequence[str], known: Sequence[str]) -> None:
@@ -393,17 +387,7 @@ def _resources(doc: Any, where: str, base: Mapping[str, float]) -> dict[str, flo
 
 def load_sweep(path: str | Path) -> Sweep:
     """Parse a sweep file (or a built-in sweep name such as ``demo``); every error names the field and the fix."""
-    p = Path(path)
-    if not p.exists():
-        if p.suffix in (".yaml", ".yml") or "/" in str(path):
-            raise LayerlabError(f"sweep file {str(p)!r} does not exist; pass a YAML file or a built-in name (demo)")
-        p = builtin_sweep(str(path))
-    try:
-        doc = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise SpecError(f"sweep file {p} is not valid YAML: {e}") from None
-    if not isinstance(doc, dict):
-        raise SpecError(f"sweep file {p} must be a mapping with 'analyses:' (and 'zoo:' or 'models:')")
+    p, doc = read_spec(path, "sweep", "sweeps", shape="'analyses:' (and 'zoo:' or 'models:')")
     return parse_sweep(doc, name=p.stem, base=p.parent, source=str(p))
 
 

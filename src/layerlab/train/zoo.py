@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
 from .. import runs
-from ..errors import LayerlabError, SpecError
+from ..errors import SpecError
+from ..specfiles import builtin_file, read_spec
 from ..store import atomic_write_text
 from .loop import train
 from .recipes import CATEGORIES, Recipe, recipe
@@ -60,24 +59,12 @@ class Zoo:
 
 def builtin_zoo(name: str) -> Path:
     """Path of a zoo file shipped with layerlab (``demo``, ``dynamics``)."""
-    p = resources.files("layerlab") / "zoos" / f"{name}.yaml"
-    if not p.is_file():
-        known = sorted(f.name.removesuffix(".yaml") for f in (resources.files("layerlab") / "zoos").iterdir() if f.name.endswith(".yaml"))
-        raise SpecError(f"no built-in zoo {name!r}; built-in zoos: {', '.join(known)}")
-    return Path(str(p))
+    return builtin_file("zoo", "zoos", name)
 
 
 def load_zoo(path: str | Path) -> Zoo:
     """Parse a zoo file (or a built-in zoo name) into resolved entries; every error names the model and field."""
-    p = Path(path)
-    if not p.exists():
-        if p.suffix in (".yaml", ".yml") or "/" in str(path):
-            raise LayerlabError(f"zoo file {str(p)!r} does not exist; pass a YAML file or a built-in name (demo, dynamics)")
-        p = builtin_zoo(str(path))
-    try:
-        doc = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise SpecError(f"zoo file {p} is not valid YAML: {e}") from None
+    p, doc = read_spec(path, "zoo", "zoos", shape="'models:' (name -> {recipe: ...})")
     models = doc.get("models")
     if not isinstance(models, dict) or not models:
         raise SpecError(f"zoo file {p} has no 'models:' mapping of name -> {{recipe: ...}}")
