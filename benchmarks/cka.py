@@ -512,7 +512,7 @@ def report(rows: list[dict], ns: list[int], args: argparse.Namespace) -> None:
                 est, err = "float64 ref: all four estimators", "-"
             elif r["method"].startswith("forward-only"):
                 layout = "channels_last" if r["method"].endswith("-cl") else "NCHW"
-                est, err = f"none (floor: {layout} forwards only)", "-"
+                est, err = f"none (floor: {layout} forwards)", "-"
             else:
                 key = ESTIMATOR[r["method"]]
                 est = REF_LABEL[key]

@@ -104,18 +104,26 @@ class Store:
             return pd.DataFrame()
         return pd.concat([pq.read_table(p).to_pandas() for p in paths], ignore_index=True)
 
+    @staticmethod
+    def sql_name(analysis: str) -> str:
+        """The SQL view name of an analysis in :meth:`query` (dashes become underscores: ``dynamics_cka``)."""
+        return analysis.replace("-", "_")
+
     def query(self, sql: str) -> pd.DataFrame:
         """Run DuckDB SQL where each analysis is a view named after it (dashes become underscores)."""
         import duckdb
 
+        views = {a: self.sql_name(a) for a in self.analyses()}
         con = duckdb.connect()
         try:
-            for a in self.analyses():
+            for a, view in views.items():
                 glob = str(self.root / "shards" / a / "*.parquet").replace("'", "''")
-                con.execute(f"CREATE VIEW \"{a.replace('-', '_')}\" AS SELECT * FROM read_parquet('{glob}', union_by_name=true)")
+                con.execute(f"CREATE VIEW \"{view}\" AS SELECT * FROM read_parquet('{glob}', union_by_name=true)")
             return con.execute(sql).df()
         except duckdb.Error as e:
-            raise LayerlabError(f"query failed: {' '.join(str(e).split())}; tables here: {', '.join(self.analyses()) or 'none'}") from None
+            raise LayerlabError(
+                f"query failed: {' '.join(str(e).split())}; tables here: {', '.join(views.values()) or 'none'}"
+            ) from None
         finally:
             con.close()
 

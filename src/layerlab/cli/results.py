@@ -37,7 +37,8 @@ def register(app: typer.Typer) -> None:
         else:
             import pandas as pd
 
-            df = pd.DataFrame([{"analysis": a, "shards": len(store.paths(a)), "rows": len(store.read(a))} for a in names])
+            df = pd.DataFrame([{"analysis": a, "sql_view": store.sql_name(a), "shards": len(store.paths(a)),
+                                "rows": len(store.read(a))} for a in names])
             if df.empty:
                 raise LayerlabError(f"{out} holds no result shards yet (looked in {out / 'shards'})")
         print_frame(df, str(out))
