@@ -72,6 +72,7 @@ def test_cka_and_drs_matrices_are_symmetric_with_unit_diagonal(tables) -> None:
             assert np.all(m[~np.eye(3, dtype=bool)] < 1.0 - 1e-9), (table, layer)  # training changed every layer
     assert set(t["cka"]["estimator"]) == {"unbiased"} and set(t["cka"]["n"]) == {32}
     assert set(t["cka"]["n_batches"]) == {4}
+    assert set(t["cka"]["gram_dtype"]) == {"float32"}  # float32 checkpoints: float32 Grams, recorded
     assert set(t["drs"]["kind"]) == {"probe", "network"}
 
 
@@ -150,9 +151,9 @@ def test_a_lost_shard_is_recomputed_alone(run: Path, tables, monkeypatch: pytest
     seen: list[tuple] = []
     real = dyn._checkpoint_pass
 
-    def spy(model, cfg, inputs, cka_views, probe_layers, drs_views, device):
+    def spy(model, cfg, inputs, cka_views, probe_layers, drs_views, *rest):
         seen.append((tuple(cka_views), tuple(probe_layers), tuple(drs_views)))
-        return real(model, cfg, inputs, cka_views, probe_layers, drs_views, device)
+        return real(model, cfg, inputs, cka_views, probe_layers, drs_views, *rest)
 
     monkeypatch.setattr(dyn, "_checkpoint_pass", spy)
     again = dyn.dynamics(run, store=store, layers=["conv1", LAYER, "fc"], **SMALL)

@@ -23,7 +23,7 @@ import pytest
 from layerlab.errors import LayerlabError
 from layerlab.report import collect, criticality_accuracy, generic_summary, render, table_html, write_report
 
-from helpers import Deadline, write  # noqa: E402
+from helpers import TINY_ZOO, Deadline, write  # noqa: E402
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 
@@ -86,16 +86,7 @@ def test_report_of_an_empty_or_missing_folder(tmp_path):
 # ------------------------------------------------------------------------------------ a demo-like folder
 
 
-ZOO = """
-name: tiny
-arch: "timm:resnet18?channels=8,16,32,64&stem_width=8"
-data: digits
-defaults: {epochs: 1, checkpoints: final, train_n: 200}
-models:
-  baseline: {recipe: baseline}
-  adam: {recipe: adam}
-  label-noise: {recipe: label-noise, attrs: {noise: 0.2}}
-"""
+ZOO = TINY_ZOO + "  label-noise: {recipe: label-noise, attrs: {noise: 0.2}}\n"  # the tiny zoo plus a model with attrs
 
 
 @pytest.fixture(scope="module")

@@ -246,16 +246,15 @@ def _features(model: nn.Module, layers: list[str], images: torch.Tensor, batch: 
 
 
 def _checkpoint_pass(model: nn.Module, cfg: DynamicsConfig, inputs: _Inputs, cka_views: list[str],
-                     probe_layers: list[str], drs_views: list[str], device: str | torch.device) -> dict[str, Any]:
-    """Everything one checkpoint contributes: Gram matrices, fitted probes and their scores, plane predictions."""
-    result: dict[str, Any] = {"grams": {}, "probes": {}, "preds": {}, "gram_dtypes": set()}
+                     probe_layers: list[str], drs_views: list[str], device: str | torch.device,
+                     gram: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
+    """Everything one checkpoint contributes: Gram matrices (formed by ``gram`` inside the hooks), fitted probes
+    and their scores, plane predictions."""
+    result: dict[str, Any] = {"grams": {}, "probes": {}, "preds": {}}
     if cka_views:
-        grammer = CKAAccumulator(1, kernel=cfg.kernel)  # only its gram(): Grams formed inside the hooks
         inner = [v for v in cka_views if v != OUTPUT_KEY]
-        feats = _features(model, inner, inputs.cka_images, inputs.cka_batch, device, grammer.gram,
-                          OUTPUT_KEY in cka_views)
+        feats = _features(model, inner, inputs.cka_images, inputs.cka_batch, device, gram, OUTPUT_KEY in cka_views)
         result["grams"] = {v: torch.stack(feats[v]) for v in cka_views}
-        result["gram_dtypes"] = grammer.gram_dtypes
     if probe_layers:
         view = lambda t: probe_features(t, cfg.probe_pool).float()  # noqa: E731
         tr = _features(model, probe_layers, inputs.probe_train.float(), 256, device, view)
@@ -453,14 +452,13 @@ def _compute(run: Path, ckpts: dict[int, Path], epochs: list[int], cfg: Dynamics
     points = cfg.triplets * cfg.resolution**2
     preds = _pred_array(k, len(drs_views), points) if drs_views else None
     grams: dict[str, list[torch.Tensor]] = {v: [] for v in cka_views}
-    gram_dtypes: set[str] = set()
+    grammer = CKAAccumulator(1, kernel=cfg.kernel)  # only its gram(), which also records the precision used
     probe_rows: list[dict[str, Any]] = []
     for i, epoch in enumerate(_progress(epochs, progress, f"dynamics {run.name}")):
         model = first if i == 0 else _load(ckpts[epoch], device)
-        res = _checkpoint_pass(model, cfg, inputs, cka_views, probe_layers, drs_views, device)
+        res = _checkpoint_pass(model, cfg, inputs, cka_views, probe_layers, drs_views, device, grammer.gram)
         for v in cka_views:
             grams[v].append(res["grams"][v])
-        gram_dtypes |= res["gram_dtypes"]
         for layer, (p, tr_acc, te_acc, dim) in res["probes"].items():
             probe_rows.append({"layer": layer, "epoch": epoch, "train_acc": tr_acc, "test_acc": te_acc, "dim": dim,
                                "method": cfg.probe_method, "l2": cfg.probe_l2, "n_train": len(probe_train),
@@ -471,7 +469,7 @@ def _compute(run: Path, ckpts: dict[int, Path], epochs: list[int], cfg: Dynamics
 
     out: dict[tuple[str, str], pd.DataFrame] = {}
     for v in cka_views:
-        out[("cka", v)] = _cka_frame(grams[v], epochs, cfg, "+".join(sorted(gram_dtypes)))
+        out[("cka", v)] = _cka_frame(grams[v], epochs, cfg, grammer.gram_precision)
     probes = pd.DataFrame(probe_rows)
     for (t, v) in missing:
         if t == "probes":

@@ -460,7 +460,7 @@ class CKAAccumulator:
         """
         # finiteness is checked once per update on the HSIC sums (a NaN or inf anywhere reaches them)
         if self.kernel == "linear":
-            x = _check_features(x, "x")
+            x = _as_tensor(x, "x")  # validated once, inside _gram_linear
             dtype = _resolve_gram_dtype(x, self.gram_dtype)
             self.gram_dtypes.add(str(dtype).removeprefix("torch."))
             return _gram_linear(x, dtype=dtype)
@@ -563,6 +563,12 @@ class CKAAccumulator:
         )
 
     # -- outputs --------------------------------------------------------------------------------------------
+    @property
+    def gram_precision(self) -> str:
+        """Precision of the Gram matmuls :meth:`gram` ran: "float32", "float64", both joined by "+", or "given"
+        when every Gram came from the caller through :meth:`update_grams`."""
+        return "+".join(sorted(self.gram_dtypes)) or "given"
+
     def compute(self) -> torch.Tensor:
         """CKA matrix [n_a, n_b] (float64, CPU) over all batches so far; symmetric for self-similarity."""
         if self._ab is None:
@@ -573,8 +579,7 @@ class CKAAccumulator:
         """Tidy table, one row per layer pair: layer_a, layer_b, cka, estimator, kernel, n, n_batches, gram_dtype.
 
         ``n`` is the number of inputs seen; ``n_batches`` tells minibatch estimates (> 1) from full-N ones (1).
-        ``gram_dtype`` is the precision of the Gram matmuls this accumulator ran ("float32", "float64", both
-        joined by "+", or "given" when every Gram came from the caller through :meth:`update_grams`).
+        ``gram_dtype`` is :attr:`gram_precision`.
         """
         import pandas as pd
 
@@ -591,7 +596,7 @@ class CKAAccumulator:
         frame["kernel"] = self.kernel
         frame["n"] = self.n_samples
         frame["n_batches"] = self.n_batches
-        frame["gram_dtype"] = "+".join(sorted(self.gram_dtypes)) or "given"
+        frame["gram_dtype"] = self.gram_precision
         return frame
 
     def __repr__(self) -> str:
