@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 import layerlab.criticality as crit
 from layerlab import fresh_model, layers, load_data, load_model, save_checkpoint
 from layerlab.errors import LayerlabError, NonFiniteError
+from layerlab.seeds import derive_seed, generator
 from layerlab.store import Store
 
 SPEC = "timm:resnet18?channels=8,16,32,64&stem_width=8&num_classes=10"
@@ -48,7 +49,7 @@ def trained() -> nn.Module:
     """A tiny ResNet that behaves like a trained one, built in well under a second: BatchNorm scales set to 1
     (timm zero-inits the last one of each block, which would make those blocks inert), running statistics from
     digits, and a softmax-regression head fitted on the pooled features."""
-    torch.manual_seed(1234)  # not 0..2: those seeds are the fresh instances of trials 0..2
+    torch.manual_seed(1234)
     model = load_model(SPEC)
     train = load_data(DATA, "train")
     x = train.float()
@@ -154,13 +155,13 @@ def test_metrics_match_hand_values():
 # ------------------------------------------------------------------------------------------ the procedure
 def test_layer_equal_to_its_fresh_weights_has_zero_criticality(trained, data):
     model = copy.deepcopy(trained)
-    fresh = fresh_model(model, seed=0, device="cpu")
+    fresh = fresh_model(model, seed=derive_seed("criticality/fresh", 0, 0), device="cpu")  # trial 0's documented draw
     with torch.no_grad():
         model.layer2[0].conv1.weight.copy_(fresh.layer2[0].conv1.weight)
     table = crit.criticality(model, data, trials=2, layers=["layer2.0.conv1", "layer3.0.conv1"])
     row = table.set_index(["layer", "trial"])["criticality"]
     assert abs(row["layer2.0.conv1", 0]) < 1e-9  # trial 0 swaps in exactly the weights it already has
-    assert row["layer2.0.conv1", 1] > 1e-3  # trial 1 (seed 1) does not
+    assert row["layer2.0.conv1", 1] > 1e-3  # trial 1 (its own stream) does not
     assert row["layer3.0.conv1", 0] > 1e-3
 
 
@@ -199,7 +200,9 @@ def test_deterministic_under_a_seed(trained):
     pd.testing.assert_frame_equal(a, b)
     assert a.attrs["indices"] == b.attrs["indices"] != c.attrs["indices"]
     assert not np.allclose(a["criticality"], c["criticality"])
-    assert list(a["seed"]) == [3, 4, 3, 4]
+    assert list(a["seed"]) == [3, 3, 3, 3] and list(a["trial"]) == [0, 1, 0, 1]
+    assert list(a["draw_seed"]) == [derive_seed("criticality/fresh", 3, t) for t in (0, 1, 0, 1)]
+    assert all(d > 2**32 for d in a["draw_seed"])  # far off the small-integer line users train with
 
 
 # ------------------------------------------------------------------------------------------ exact restore
@@ -362,38 +365,156 @@ def test_checkpoint_resets_of_blocks_and_layers_match_a_hand_computation(mlp_run
     assert one["criticality"].iloc[0] == pytest.approx(_numbers(reference, _mlp_logits(x, mixed), y)["criticality"], abs=1e-4)
 
 
-def test_module_criticality_matches_a_hand_computation(mlp_run):
+def _expected_mlp_loss(x, y, final, init, names, z, a, s) -> float:
+    """E_u loss(theta_alpha + sigma z) over the draws z, with the hand-written float64 forward pass."""
+    losses = []
+    for zd in z:
+        state = {**final, **{n: ((1 - a) * init[n] + a * final[n] + s * zd[n]).float() for n in names}}
+        losses.append(float(nn.functional.cross_entropy(_mlp_logits(x, state), y)))
+    return float(np.mean(losses))
+
+
+def test_module_criticality_matches_an_independent_grid(mlp_run):
+    """Chatterji et al.'s mu at the paper's epsilon = 1.01 x loss: the bisection's answer against a fine log grid
+    of sigma evaluated with a hand-written forward pass (no layerlab code on the reference side but the
+    documented noise stream)."""
     data = load_data("digits?size=8", "test", n=60, seed=0)
     model = load_model("file:" + str(mlp_run / "final.pt"))
-    # eps = 2 x loss: at the paper's 1.01 x loss no grid point (sigma >= 0.1) is feasible for this small MLP
-    table = crit.module_criticality(model, data, run=mlp_run, seed=5, eps_factor=2.0)
+    table = crit.module_criticality(model, data, run=mlp_run, seed=5).set_index("layer")
     final = _state(mlp_run / "final.pt")
     init = _state(mlp_run / "checkpoints" / "epoch_0000.pt")
     x, y = data.float(), data.labels
-
-    def loss(state):
-        return float(nn.functional.cross_entropy(_mlp_logits(x, state), y))
-
-    eps = 2.0 * loss(final)
-    mus = {}
+    eps = 1.01 * float(nn.functional.cross_entropy(_mlp_logits(x, final), y))
+    sigmas = np.logspace(-6, 0, 240)  # ratio 1.06 between neighbours
+    ratio2 = (sigmas[1] / sigmas[0]) ** 2
     for pos, layer in enumerate(["layer1.0.conv1", "layer1.0.conv2", "fc"]):
         names = [f"{layer}.weight", f"{layer}.bias"]
-        g = torch.Generator().manual_seed(5 + pos)
+        g = generator("criticality/noise", 5, pos)
         z = [{n: torch.randn(final[n].shape, generator=g) for n in names} for _ in range(10)]
         dist = sum(float(((final[n] - init[n]).double() ** 2).sum()) for n in names)
+        row = table.loc[layer]
+        assert row["distance"] == pytest.approx(dist, rel=1e-6)
+        assert row["epsilon"] == pytest.approx(eps, rel=1e-6)
+        # the reported (alpha, sigma) is feasible, and 1 % more noise is not (the bisection's bracket)
+        assert _expected_mlp_loss(x, y, final, init, names, z, row["alpha"], row["sigma"]) <= eps * (1 + 1e-6)
+        if row["sigma"] < 1:
+            assert _expected_mlp_loss(x, y, final, init, names, z, row["alpha"], row["sigma"] * 1.01) > eps
         best = math.inf
         for a in np.linspace(0, 1, 11):
-            for s in np.linspace(0, 1, 11)[1:]:
-                draws = [loss({**final, **{n: (1 - a) * init[n] + a * final[n] + s * zd[n] for n in names}}) for zd in z]
-                if np.mean(draws) <= eps:
-                    best = min(best, a * a * dist / (s * s))
-        mus[layer] = best
-    got = table.set_index("layer")["criticality"]
-    for layer, mu in mus.items():
-        assert got[layer] == pytest.approx(mu, rel=1e-6), layer
-    assert any(0 < mu < math.inf for mu in mus.values())
-    net = crit.network_criticality(table)
-    assert net["network_criticality"].iloc[0] == pytest.approx(sum(mus.values()), rel=1e-6)
+            def ok(i: int) -> bool:
+                return _expected_mlp_loss(x, y, final, init, names, z, a, sigmas[i]) <= eps
+
+            if not ok(0):
+                continue
+            lo, hi = 0, len(sigmas) - 1  # the largest feasible grid sigma (feasibility falls as sigma grows)
+            if ok(hi):
+                lo = hi
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+            best = min(best, a * a * dist / sigmas[lo] ** 2)
+        assert 0 < best < math.inf, layer  # every layer moved; at 1.01 x loss the old linear grid said inf
+        # grid and bisection bracket the same boundary: the grid may be off by one step, the bisection by 1 %
+        assert best / ratio2 * 0.999 <= row["criticality"] <= best * 1.0201 * 1.001, (layer, row["criticality"], best)
+    net = crit.network_criticality(table.reset_index())
+    assert net["network_criticality"].iloc[0] == pytest.approx(table["criticality"].sum())
+
+
+def _edited_run(mlp_run: Path, tmp_path: Path, edit) -> Path:
+    """A copy of the MLP run whose final model is ``edit(final_state, init_state)``."""
+    import shutil
+
+    run = tmp_path / "edited"
+    shutil.copytree(mlp_run, run)
+    model = load_model("file:" + str(run / "final.pt"))
+    state = edit(_state(run / "final.pt"), _state(run / "checkpoints" / "epoch_0000.pt"))
+    model.load_state_dict(state)
+    save_checkpoint(model, run / "final.pt", epoch=3)
+    return run
+
+
+def test_module_criticality_of_unmoved_and_barely_moved_modules(mlp_run, tmp_path):
+    """A module with theta_F = theta_0 has mu = 0 (the old linear sigma grid reported inf); one barely moved has
+    a small finite mu; both at the paper's epsilon."""
+    def edit(final, init):
+        out = dict(final)
+        out["layer1.0.conv2.weight"] = init["layer1.0.conv2.weight"].clone()  # unmoved
+        out["layer1.0.conv2.bias"] = init["layer1.0.conv2.bias"].clone()
+        g = torch.Generator().manual_seed(7)
+        out["fc.weight"] = init["fc.weight"] + 1e-4 * torch.randn(init["fc.weight"].shape, generator=g)  # barely
+        out["fc.bias"] = init["fc.bias"].clone()
+        return out
+
+    run = _edited_run(mlp_run, tmp_path, edit)
+    data = load_data("digits?size=8", "train", n=80, seed=0)
+    model = load_model("file:" + str(run / "final.pt"))
+    table = crit.module_criticality(model, data, run=run, layers=["layer1.0.conv2", "fc"]).set_index("layer")
+    assert table.loc["layer1.0.conv2", "criticality"] == 0.0
+    assert table.loc["layer1.0.conv2", "distance"] == 0.0
+    barely = table.loc["fc"]
+    assert 0 <= barely["criticality"] < 1e-3  # finite: rewinding it to theta_0 (alpha = 0) costs almost nothing
+    assert barely["distance"] == pytest.approx(float((1e-4 * torch.randn(10, 16, generator=torch.Generator().manual_seed(7))).double().pow(2).sum()), rel=1e-4)
+    for col in ("alpha", "sigma", "draws", "sigma_min", "evaluated"):
+        assert col in table.columns
+
+
+def test_module_criticality_measures_on_training_data_by_default(mlp_run):
+    model = load_model("file:" + str(mlp_run / "final.pt"))
+    table = crit.module_criticality(model, "digits?size=8", run=mlp_run, images=40, layers=["fc"])
+    assert table.attrs["split"] == "train"
+
+
+# ------------------------------------------------------------------ re-randomisation vs a run's own init
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory) -> Path:
+    """A run of the training lab with every setting at its default (seed 0 included): the case that used to make
+    trial 0 re-install the run's own initial weights."""
+    from layerlab.train import recipe, train
+
+    out = tmp_path_factory.mktemp("default") / "run"
+    return train(SPEC, DATA, recipe("baseline", epochs=1, batch_size=64), out, train_n=256, progress=False)
+
+
+def test_no_randomize_trial_equals_the_reset_to_init(default_run):
+    model = load_model("file:" + str(default_run / "final.pt"))
+    layers_ = ["conv1", "layer1.0.conv1", "layer2.0.downsample.0", "layer4.1.conv2", "fc"]
+    table = crit.criticality(model, DATA, images=64, trials=3, mode=["randomize", "reinit"], run=default_run,
+                             layers=layers_)
+    for layer, rows in table.groupby("layer"):
+        reinit = rows.loc[rows["mode"] == "reinit", "criticality"].iloc[0]
+        trials = rows.loc[rows["mode"] == "randomize", "criticality"]
+        assert len(trials) == 3
+        assert (trials != reinit).all(), (layer, list(trials), reinit)  # the old trial 0 equalled it to every digit
+        if layer in ("conv1", "layer2.0.downsample.0", "fc"):  # critical layers; the block convs barely matter yet
+            assert (abs(trials - reinit) > 1e-3).all(), (layer, list(trials), reinit)
+    # an independent look at the weights: no trial's fresh instance shares a random tensor with epoch 0
+    init = _state(default_run / "checkpoints" / "epoch_0000.pt")
+    for t in range(3):
+        fresh = fresh_model(model, seed=derive_seed("criticality/fresh", 0, t), device="cpu").state_dict()
+        for name in (f"{l}.weight" for l in layers_):
+            assert not torch.equal(fresh[name], init[name]), (t, name)
+
+
+def test_a_fresh_instance_equal_to_the_runs_init_is_refused(tmp_path):
+    """Where the run is known, a trial whose fresh weights are the run's epoch-0 weights is an error that says
+    why; another seed runs."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"arch": SPEC, "data": DATA}))
+    start = fresh_model(SPEC, seed=derive_seed("criticality/fresh", 0, 0), device="cpu")  # initialised on trial 0's stream
+    start.layerlab_arch = SPEC
+    save_checkpoint(start, run / "checkpoints" / "epoch_0000.pt", epoch=0)
+    with torch.no_grad():
+        start.fc.bias.add_(0.5)
+    save_checkpoint(start, run / "final.pt", epoch=1)
+    model = load_model("file:" + str(run / "final.pt"))
+    with pytest.raises(LayerlabError, match=r"reset to init .*Pass another seed"):
+        crit.criticality(model, DATA, images=16, trials=1, layers=["conv1"])
+    with pytest.raises(LayerlabError, match="initial weights"):  # also with the run named explicitly
+        crit.criticality(load_model("file:" + str(run / "checkpoints" / "epoch_0000.pt")), DATA, images=16, trials=1,
+                         layers=["conv1"], run=run)
+    ok = crit.criticality(model, DATA, images=16, trials=1, layers=["conv1"], seed=1)
+    assert ok["criticality"].iloc[0] > 0
 
 
 # -------------------------------------------------------------------------------------------- the store

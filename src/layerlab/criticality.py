@@ -6,8 +6,12 @@ the model's output moves (Gavrikov, Agnihotri, Keuper, Keuper 2024, arXiv 2410.1
     criticality(l) = 100 * (1 - mean_t mean_x cos(softmax f(x), softmax f_{l <- fresh_t}(x)))    [%]
 
 where trial t copies layer l's weight and bias from ONE fresh, untrained instance of the same architecture built
-by its own constructor under seed ``seed + t`` (:func:`layerlab.models.fresh_model`, built on the CPU so results
-do not depend on the device). Normalisation layers are never touched. Every layer and trial sees the same images
+by its own constructor (:func:`layerlab.models.fresh_model`, on the CPU so results do not depend on the device)
+under the seed ``derive_seed("criticality/fresh", seed, t)`` (:mod:`layerlab.seeds`): a stream of its own that no
+training seed can coincide with. (With ``seed + t``, trial 0 of a model trained under seed 0 re-installed the
+layer's own initial weights and measured a reset to init, not a re-randomisation.) Where the run is known (a
+layerlab checkpoint inside its run folder, or ``run=``), a fresh instance equal to the run's epoch-0 weights is an
+error. Normalisation layers are never touched. Every layer and trial sees the same images
 in the same order. Per (layer, trial) the table also holds top-1 agreement with the original model, top-1
 accuracy after the swap (Zhang, Bengio, Singer 2022's metric) and KL(original || swapped).
 
@@ -53,15 +57,20 @@ from .data import ImageData, load_data
 from .errors import LayerlabError, NonFiniteError, ShapeError, check_finite
 from .layers import LEARNABLE, display_label, layers as learnable_layers, pick_by_name, resolve_layers, residual_blocks
 from .models import Normalized, fresh_model, load_model
-from .runs import checkpoints as run_checkpoints
+from .runs import checkpoint_path, checkpoints as run_checkpoints
+from .seeds import derive_seed, generator
 from .store import Store, job_key
 
 ANALYSIS = "criticality"
 MODULE_ANALYSIS = "module-criticality"
-VERSION = 1  # bump when the numbers a job produces change; old shards are then recomputed
+VERSION = 2  # bump when the numbers a job produces change; old shards are then recomputed
+# 2: fresh instances and module-criticality noise from purpose streams (layerlab.seeds), not seed + t;
+#    module criticality searches sigma by bisection on a log scale
 MODES = ("randomize", "reinit", "checkpoint")
 UNITS = ("layers", "blocks")
 MAX_STACK = 8  # at most this many references of one unit share a pass (memory: MAX_STACK x batch)
+SIGMA_MIN = 1e-6  # module criticality: the smallest noise scale searched
+SIGMA_RTOL = 0.01  # module criticality: sigma is bisected (log scale) to this relative precision
 
 ModelLike = nn.Module | str
 
@@ -529,13 +538,19 @@ def _device(device: str | torch.device) -> torch.device:
 
 @dataclass(frozen=True)
 class Reference:
-    """Where a swap's weights come from: a fresh instance under ``seed`` or a checkpoint of a run."""
+    """Where a swap's weights come from: trial ``trial`` of a fresh instance under base ``seed``, or a checkpoint
+    of a run (``path``, its ``epoch``)."""
 
     mode: str
     trial: int
     seed: int | None = None
     epoch: int | None = None
     path: Path | None = None
+
+    @property
+    def draw_seed(self) -> int | None:
+        """The seed the fresh instance is built under: stream ``criticality/fresh`` of (seed, trial)."""
+        return None if self.seed is None else derive_seed("criticality/fresh", self.seed, self.trial)
 
     def config(self) -> dict[str, Any]:
         out: dict[str, Any] = {"mode": self.mode, "trial": self.trial, "seed": self.seed, "epoch": self.epoch}
@@ -561,7 +576,7 @@ def _references(
     refs: list[Reference] = []
     for mode in modes:
         if mode == "randomize":
-            refs += [Reference("randomize", t, seed=seed + t) for t in range(trials)]
+            refs += [Reference("randomize", t, seed=seed) for t in range(trials)]
             continue
         if run is None:
             raise LayerlabError(
@@ -584,12 +599,12 @@ class _ReferenceCache:
 
     def get(self, model: nn.Module, ref: Reference) -> dict[str, torch.Tensor]:
         if ref.path is None:
-            key: tuple = ("fresh", getattr(model, "layerlab_arch", None), type(model).__name__, ref.seed)
+            key: tuple = ("fresh", getattr(model, "layerlab_arch", None), type(model).__name__, ref.draw_seed)
         else:
             key = ("file", str(ref.path.resolve()), ref.path.stat().st_mtime_ns)
         if key not in self._items:
             if ref.path is None:
-                source = fresh_model(model, seed=int(ref.seed), device="cpu")  # CPU: device-independent draws
+                source = fresh_model(model, seed=ref.draw_seed, device="cpu")  # CPU: device-independent draws
             else:
                 source = load_model("file:" + str(ref.path))
             owners = {n for n, m in source.named_modules() if isinstance(m, LEARNABLE)}
@@ -601,7 +616,7 @@ class _ReferenceCache:
 
 def _what(ref: Reference, run: Path | None) -> str:
     if ref.path is None:
-        return f"the fresh instance (seed {ref.seed})"
+        return f"the fresh instance of trial {ref.trial} (seed {ref.seed})"
     return f"checkpoint epoch {ref.epoch} of run {str(run)!r}"
 
 
@@ -775,7 +790,7 @@ def _run_for(name: str, run: str | Path | Mapping[str, str | Path] | None, n_mod
 
 def _rows_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
-    for col in ("epoch", "seed"):
+    for col in ("epoch", "seed", "draw_seed"):
         if col in frame.columns:
             frame[col] = frame[col].astype("Int64")
     return frame
@@ -815,7 +830,8 @@ def criticality(
         models: a spec (``timm:resnet18``), a model, a list of them, or ``{name: spec or model}`` (zoo sweep).
         data: a data spec (``digits``) or an :class:`ImageData`; ``images``/``seed`` pick a fixed subset.
         layers: layer names or labels (block names with ``units="blocks"``); default all.
-        trials: fresh instances per layer in ``randomize`` mode (seeds ``seed .. seed + trials - 1``).
+        trials: fresh instances per layer in ``randomize`` mode; trial t is built under
+            ``derive_seed("criticality/fresh", seed, t)`` (column ``draw_seed``), never under a training seed.
         mode: ``randomize`` (Gavrikov et al.), ``reinit`` or ``checkpoint`` (Zhang et al.; need ``run``), or a list.
         checkpoint: the epochs ``checkpoint`` mode resets to (default: every checkpoint of the run).
         store: a :class:`Store` (or its root): one shard per (model, layer, reference) job, finished jobs are read,
@@ -823,7 +839,7 @@ def criticality(
         naive: run the reference implementation (full forward per layer and trial) instead of the cached one.
         cache_mb: memory for the cached stage inputs; beyond it images are processed in chunks.
 
-    Columns: model, layer, label, kind, index, units, mode, epoch, trial, seed, similarity, criticality (%),
+    Columns: model, layer, label, kind, index, units, mode, epoch, trial, seed, draw_seed, similarity, criticality (%),
     agreement, accuracy, kl, base_accuracy, images. ``table.attrs`` holds the image indices.
     """
     if not isinstance(trials, int) or trials < 1:
@@ -911,6 +927,7 @@ def _criticality_model(
     if not pending:
         return rows
     _warn_if_not_fresh(model, refs, job.references)
+    _refuse_fresh_equal_to_init(model, refs, job.references, run_dir)
     pipe = Pipeline(model, run_opts["dev"], amp=run_opts["amp"], channels_last=run_opts["channels_last"])
     tasks = []
     for u in us:
@@ -923,7 +940,8 @@ def _criticality_model(
             row = {
                 "model": name, "layer": task.unit.name, "label": task.unit.label, "kind": task.unit.kind,
                 "index": task.unit.index, "units": job.units, "mode": r.mode, "epoch": r.epoch, "trial": r.trial,
-                "seed": r.seed, **_stats_compute(stats), "base_accuracy": base, "images": len(data),
+                "seed": r.seed, "draw_seed": r.draw_seed, **_stats_compute(stats), "base_accuracy": base,
+                "images": len(data),
             }
             if st is not None:
                 cfg = config(task.unit, r)
@@ -937,6 +955,45 @@ def _criticality_model(
     return rows
 
 
+def known_run(model: nn.Module, run: Path | None = None) -> Path | None:
+    """The training run a model comes from: ``run`` when given, else the run folder around the layerlab checkpoint
+    it was loaded from (``RUN/final.pt`` or ``RUN/checkpoints/epoch_XXXX.pt``), else None."""
+    if run is not None:
+        return Path(run)
+    spec = getattr(model, "layerlab_spec", None)
+    if not isinstance(spec, str) or not spec.startswith("file:"):
+        return None
+    path = Path(spec[len("file:"):]).expanduser()
+    for folder in (path.parent, path.parent.parent if path.parent.name == "checkpoints" else None):
+        if folder is not None and (folder / "run.json").exists():
+            return folder
+    return None
+
+
+def _refuse_fresh_equal_to_init(
+    model: nn.Module, refs: Sequence[Reference], cache: _ReferenceCache, run: Path | None
+) -> None:
+    """A fresh instance that shares any randomly initialised tensor with the run's epoch-0 weights would measure
+    a reset to init (Zhang et al.), not a re-randomisation (Gavrikov et al.): refuse it, saying why."""
+    run = known_run(model, run)
+    init_path = checkpoint_path(run, 0) if run is not None else None
+    fresh = [r for r in refs if r.mode == "randomize"]
+    if init_path is None or not init_path.exists() or not fresh:
+        return
+    init = cache.get(model, Reference("reinit", 0, epoch=0, path=init_path))
+    for r in fresh:
+        drawn = cache.get(model, r)
+        for name, t in drawn.items():
+            random = t.numel() > 1 and not bool((t == t.reshape(-1)[0]).all())  # constant inits match by design
+            if random and name in init and init[name].shape == t.shape and torch.equal(init[name], t):
+                raise LayerlabError(
+                    f"trial {r.trial}'s fresh instance (seed {r.seed}) has the same {name!r} as the run's initial "
+                    f"weights ({str(init_path)!r}): re-randomising would re-install the layer's own start and measure "
+                    "a reset to init (Zhang et al., mode 'reinit'), not a re-randomisation (Gavrikov et al.); the run "
+                    "was initialised from the stream this trial draws from. Pass another seed"
+                )
+
+
 def _warn_if_not_fresh(model: nn.Module, refs: Sequence[Reference], cache: _ReferenceCache) -> None:
     """Two trials with identical 'fresh' weights mean the architecture spec does not build a new init."""
     fresh = [r for r in refs if r.mode == "randomize"]
@@ -945,8 +1002,8 @@ def _warn_if_not_fresh(model: nn.Module, refs: Sequence[Reference], cache: _Refe
     a, b = cache.get(model, fresh[0]), cache.get(model, fresh[1])
     if all(torch.equal(a[k], b[k]) for k in a):
         warnings.warn(
-            f"fresh instances of {getattr(model, 'layerlab_arch', '?')!r} under seeds {fresh[0].seed} and "
-            f"{fresh[1].seed} are identical: this architecture spec loads fixed weights instead of initialising; "
+            f"fresh instances of {getattr(model, 'layerlab_arch', '?')!r} for trials {fresh[0].trial} and "
+            f"{fresh[1].trial} are identical: this architecture spec loads fixed weights instead of initialising; "
             "load the model through a timm:/torchvision: spec or a layerlab checkpoint",
             stacklevel=3,
         )
@@ -955,14 +1012,15 @@ def _warn_if_not_fresh(model: nn.Module, refs: Sequence[Reference], cache: _Refe
 # ================================================================================ module criticality
 
 
-def _noise(unit: Unit, model: nn.Module, draws: int, seed: int) -> list[dict[str, torch.Tensor]]:
-    """Standard-normal draws z_d for the unit's parameters: ``torch.Generator().manual_seed(seed)``, then for
-    each draw d, for each parameter in unit order, ``torch.randn(shape, generator=g)`` (CPU, float32).
+def _noise(unit: Unit, model: nn.Module, draws: int, seed: int, position: int) -> list[dict[str, torch.Tensor]]:
+    """Standard-normal draws z_d for the unit's parameters: ``g = seeds.generator("criticality/noise", seed,
+    position)`` (``position``: the unit's index among all units of the model), then for each draw d, for each
+    parameter in unit order, ``torch.randn(shape, generator=g)`` (CPU, float32).
 
-    The same z_d serve every grid point (u = sigma * z_d; common random numbers), so the grid search is exact
-    whatever order it visits the points in.
+    The same z_d serve every (alpha, sigma) tried (u = sigma * z_d; common random numbers), so the expected loss
+    is a deterministic function of (alpha, sigma) and the search is exact whatever order it visits them in.
     """
-    g = torch.Generator().manual_seed(seed)
+    g = generator("criticality/noise", seed, position)
     own = dict(model.named_parameters())
     return [{n: torch.randn(own[n].shape, generator=g) for n in unit.params} for _ in range(draws)]
 
@@ -975,10 +1033,12 @@ def module_criticality(
     layers: Sequence[str] | None = None,
     units: str = "layers",
     images: int | None = None,
-    split: str = "test",
+    split: str = "train",
     grid: int = 11,
     draws: int = 10,
     eps_factor: float = 1.01,
+    sigma_min: float = SIGMA_MIN,
+    rtol: float = SIGMA_RTOL,
     seed: int = 0,
     batch_size: int = 128,
     device: str | torch.device = "cpu",
@@ -994,18 +1054,21 @@ def module_criticality(
         mu_i = min over alpha, sigma in [0, 1] of alpha^2 ||theta_F - theta_0||_F^2 / sigma^2
                subject to E_{u ~ N(0, sigma^2 I)} loss(theta_alpha + u) <= epsilon = eps_factor * loss(theta_F),
 
-    on a ``grid`` x ``grid`` grid over alpha and sigma (sigma = 0 excluded: the objective is undefined there),
-    the expectation over ``draws`` noise draws (:func:`_noise`, seed ``seed + unit index``), loss = mean
-    cross-entropy over ``data`` (the paper uses the training set: ``split="train"``). Grid points are visited
-    in increasing objective, so the first feasible one is the minimum and the rest is skipped (same answer as
-    the full grid). mu_i = inf when no grid point is feasible. Network criticality = sum of mu_i
+    with alpha on ``linspace(0, 1, grid)`` and, per alpha, sigma found by bisection on a log scale in
+    [``sigma_min``, 1] (:func:`_largest_sigma`), the expectation over ``draws`` noise draws (:func:`_noise`,
+    stream ``criticality/noise``), loss = mean cross-entropy over ``data`` (the paper's training data: ``split``
+    defaults to ``"train"``). A module that did not move (theta_F = theta_0) has mu_i = 0. mu_i = inf only when
+    no alpha is feasible at any sigma >= ``sigma_min``. Network criticality = sum of mu_i
     (:func:`network_criticality`).
 
-    Columns: model, layer, label, kind, index, units, mode, criticality (= mu_i), alpha, sigma, distance
-    (||theta_F - theta_0||_F^2), loss, epsilon, expected_loss (at the minimiser), evaluated (grid points tried).
+    Columns: model, layer, label, kind, index, units, mode, criticality (= mu_i), alpha, sigma (the minimiser),
+    distance (||theta_F - theta_0||_F^2), loss, epsilon, expected_loss (at the minimiser), evaluated
+    ((alpha, sigma) points tried), draws, sigma_min.
     """
     if grid < 2 or draws < 1 or eps_factor <= 0:
         raise LayerlabError(f"grid must be >= 2, draws >= 1 and eps_factor > 0; got {grid}, {draws}, {eps_factor}")
+    if not 0 < sigma_min < 1 or not 0 < rtol < 1:
+        raise LayerlabError(f"sigma_min and rtol must lie in (0, 1); got {sigma_min}, {rtol}")
     dev = _device(device)
     named = _named_models(models)
     data = _as_data(data, split, images, seed)
@@ -1031,7 +1094,8 @@ def module_criticality(
             init = Reference("reinit", 0, epoch=0, path=init_path)
             cfg_base = {
                 "version": VERSION, "weights": weights, "data": data_key, "images": len(data), "units": units,
-                "grid": grid, "draws": draws, "eps_factor": eps_factor, "seed": seed, **init.config(),
+                "grid": grid, "draws": draws, "eps_factor": eps_factor, "sigma_min": sigma_min, "rtol": rtol,
+                "seed": seed, **init.config(),
             }
             todo = []
             for u in us:
@@ -1054,8 +1118,8 @@ def module_criticality(
                 check_finite(torch.tensor(loss), what=f"the loss of model {name!r}",
                              hint="the model itself produces NaN/inf")
                 for u in todo:
-                    row = _module_unit(pipe, model, traces, u, theta0, loss, grid, draws, eps_factor,
-                                       seed + position[u.name], _what(init, run_dir))
+                    search = _Search(grid, draws, eps_factor, sigma_min, rtol, seed, position[u.name])
+                    row = _module_unit(pipe, model, traces, u, theta0, loss, search, _what(init, run_dir))
                     row = {"model": name, "layer": u.name, "label": u.label, "kind": u.kind, "index": u.index,
                            "units": units, "mode": "module", **row}
                     if st is not None:
@@ -1085,6 +1149,31 @@ def _trained_loss(traces: _Traces) -> float:
     return total / n
 
 
+@dataclass(frozen=True)
+class _Search:
+    """How module criticality searches (alpha, sigma) for one unit."""
+
+    grid: int
+    draws: int
+    eps_factor: float
+    sigma_min: float
+    rtol: float
+    seed: int
+    position: int
+
+
+def _largest_sigma(feasible: Callable[[float], bool], lo: float, hi: float, rtol: float) -> float:
+    """The largest sigma in [lo, hi] with ``feasible(sigma)``, given ``feasible(lo)``: ``hi`` when it is
+    feasible, else bisection on a log scale until the bracket's ratio is below 1 + rtol (returns its feasible
+    end, so the answer is always a sigma that was checked). Assumes feasibility falls as sigma grows."""
+    if feasible(hi):
+        return hi
+    while hi / lo > 1.0 + rtol:
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if feasible(mid) else (lo, mid)
+    return lo
+
+
 def _module_unit(
     pipe: Pipeline,
     model: nn.Module,
@@ -1092,40 +1181,57 @@ def _module_unit(
     unit: Unit,
     theta0: Mapping[str, torch.Tensor],
     loss: float,
-    grid: int,
-    draws: int,
-    eps_factor: float,
-    noise_seed: int,
+    search: _Search,
     what: str,
 ) -> dict[str, Any]:
-    """Module criticality of one unit: visit grid points by increasing objective until one is feasible."""
+    """Module criticality of one unit (Chatterji et al. 2020).
+
+    mu = min over alpha of alpha^2 d / sigma*(alpha)^2, with sigma*(alpha) the largest feasible sigma in
+    [sigma_min, 1]. Alphas are visited in increasing order; once some mu is known, an alpha can only beat it with
+    sigma > alpha sqrt(d / mu), so it is first checked there and skipped when infeasible (exact under the
+    monotonicity the bisection assumes). alpha = 0 (theta_0 plus noise) and an unmoved unit (d = 0) give mu = 0.
+    """
     final = {n: p.detach().cpu().float() for n, p in model.named_parameters() if n in unit.params}
     init = {n: t.float() for n, t in _overrides(model, unit, theta0, what).items()}
     distance = float(sum(((final[n] - init[n]).double() ** 2).sum() for n in unit.params))
-    epsilon = eps_factor * loss
-    z = _noise(unit, model, draws, noise_seed)
+    epsilon = search.eps_factor * loss
+    z = _noise(unit, model, search.draws, search.seed, search.position)
     start = min(pipe.stage_of(p) for p in unit.params)  # type: ignore[type-var]
-    alphas = np.linspace(0.0, 1.0, grid)
-    sigmas = np.linspace(0.0, 1.0, grid)[1:]
-    points = sorted(
-        ((a * a * distance / (s * s), ai, si) for ai, a in enumerate(alphas) for si, s in enumerate(sigmas)),
-        key=lambda p: (p[0], p[1], -p[2]),
-    )
     dtype = {n: p.dtype for n, p in model.named_parameters() if n in unit.params}
-    for tried, (objective, ai, si) in enumerate(points, start=1):
-        a, s = float(alphas[ai]), float(sigmas[si])
-        variants = [
-            pipe.split({
-                n: pipe.prepare(((1 - a) * init[n] + a * final[n] + s * zd[n]).to(dtype[n])) for n in unit.params
-            })
-            for zd in z
-        ]
-        expected = _expected_loss(pipe, traces, start, variants, epsilon)
-        if expected <= epsilon:
-            return {"criticality": objective, "alpha": a, "sigma": s, "distance": distance, "loss": loss,
-                    "epsilon": epsilon, "expected_loss": expected, "evaluated": tried}
-    return {"criticality": math.inf, "alpha": math.nan, "sigma": math.nan, "distance": distance, "loss": loss,
-            "epsilon": epsilon, "expected_loss": math.nan, "evaluated": len(points)}
+    evaluated = 0
+    losses: dict[tuple[float, float], float] = {}
+
+    def expected(a: float, s: float) -> float:
+        nonlocal evaluated
+        if (a, s) not in losses:
+            evaluated += 1
+            variants = [
+                pipe.split({
+                    n: pipe.prepare(((1 - a) * init[n] + a * final[n] + s * zd[n]).to(dtype[n])) for n in unit.params
+                })
+                for zd in z
+            ]
+            losses[a, s] = _expected_loss(pipe, traces, start, variants, epsilon)
+        return losses[a, s]
+
+    best: tuple[float, float, float] | None = None  # (mu, alpha, sigma)
+    for a in (float(v) for v in np.linspace(0.0, 1.0, search.grid)):
+        need = search.sigma_min if best is None or a * a * distance == 0 else a * math.sqrt(distance / best[0])
+        if need > 1.0 or expected(a, max(need, search.sigma_min)) > epsilon:
+            continue
+        if a * a * distance == 0:  # objective 0 at any feasible sigma: nothing can beat it
+            best = (0.0, a, max(need, search.sigma_min))
+            break
+        sigma = _largest_sigma(lambda s: expected(a, s) <= epsilon, max(need, search.sigma_min), 1.0, search.rtol)
+        mu = a * a * distance / (sigma * sigma)
+        if best is None or mu < best[0]:
+            best = (mu, a, sigma)
+    common = {"distance": distance, "loss": loss, "epsilon": epsilon, "evaluated": evaluated, "draws": search.draws,
+              "sigma_min": search.sigma_min}
+    if best is None:
+        return {"criticality": math.inf, "alpha": math.nan, "sigma": math.nan, "expected_loss": math.nan, **common}
+    mu, a, sigma = best
+    return {"criticality": mu, "alpha": a, "sigma": sigma, "expected_loss": losses[a, sigma], **common}
 
 
 def _expected_loss(

@@ -64,6 +64,7 @@ from .errors import LayerlabError, NonFiniteError, ShapeError, check_images
 from .features import forward_until, iter_features
 from .layers import display_label, layers as learnable_layers
 from .models import load_model
+from .seeds import generator
 from .similarity import cka_from_grams, gram_linear
 from .store import Store, atomic_write, job_key
 
@@ -85,7 +86,8 @@ __all__ = [
 ANALYSIS = "invariance"
 INVERSIONS = "invariance-inversions"
 SUMMARY = "invariance-summary"
-VERSION = 1  # bump when the numbers change; old shards and cached inversions are then recomputed
+VERSION = 2  # bump when the numbers change; old shards and cached inversions are then recomputed
+# 2: inversion starts and image subsets from purpose streams (layerlab.seeds)
 ESTIMATORS = ("biased", "unbiased")
 ROLES = ("pretrained", "finetuned", "scratch")
 METRICS = ("stir", "noise", "cka")
@@ -100,10 +102,11 @@ DataLike = ImageData | str | torch.Tensor
 def initial_noise(shape: Sequence[int], seed: int = 0) -> torch.Tensor:
     """The seeded start of every inversion: clamp(N(0, 1), 0, 1) of ``shape``, float32 on the CPU.
 
-    Drawn on the CPU from its own generator, so it does not depend on the device, the global RNG or the batch
-    size (the STIR reference's ``super-noise`` seed, clamped to the image range).
+    Drawn on the CPU from its own stream (``seeds.generator("invariance/start", seed)``), so it depends neither
+    on the device, the global RNG, the batch size nor any seed a model was trained with (the STIR reference's
+    ``super-noise`` start, clamped to the image range).
     """
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = generator("invariance/start", int(seed))
     return torch.randn(tuple(shape), generator=gen, dtype=torch.float32).clamp_(0.0, 1.0)
 
 

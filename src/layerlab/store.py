@@ -58,9 +58,14 @@ def _canonical(obj: Any) -> Any:
     return obj
 
 
+STORE_VERSION = 2  # part of every job key: bumping it retires every shard written before
+# 2: random draws from purpose streams (layerlab.seeds); shards drawn with seed + t are never reused
+
+
 def job_key(model: str, analysis: str, config: dict[str, Any]) -> str:
-    """A stable 16-hex key for (model spec, analysis, config): same inputs, same shard."""
-    blob = json.dumps(_canonical({"model": model, "analysis": analysis, "config": config}), sort_keys=True, default=str)
+    """A stable 16-hex key for (model spec, analysis, config, store version): same inputs, same shard."""
+    blob = json.dumps(_canonical({"model": model, "analysis": analysis, "config": config, "store": STORE_VERSION}),
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
