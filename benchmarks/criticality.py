@@ -44,7 +44,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(1234)  # the model's own weights; trials use seeds 0..T-1
+    torch.manual_seed(1234)  # the model's own weights (trials draw from their own stream, layerlab.seeds)
     model = load_model(args.model, device=args.device)
     with torch.no_grad():
         if not args.keep_zero_init:

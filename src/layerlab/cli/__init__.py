@@ -1,12 +1,14 @@
 """The ``layerlab`` command line: a thin typer layer over the Python API.
 
-Each command family lives in its own module with a ``register(app)`` function; user errors
-(:class:`layerlab.errors.LayerlabError`) print as one line and exit with status 2.
+Each command family lives in its own module with a ``register(app)`` function. Usage errors (unknown
+option, missing or malformed value) and user errors (:class:`layerlab.errors.LayerlabError`, e.g. an --out
+that cannot be written) print one ``error:`` line, no traceback, and exit with status 2 before any work.
 """
 from __future__ import annotations
 
 import importlib
 import sys
+from typing import NoReturn
 
 import typer
 
@@ -25,28 +27,81 @@ app = typer.Typer(
     add_completion=False,
 )
 
+
+def _version(value: bool) -> None:
+    """``--version``: print ``layerlab X.Y.Z`` and exit before any command is parsed."""
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            v = version("layerlab")
+        except PackageNotFoundError:  # run from a source tree that is not installed
+            from .. import __version__ as v
+        typer.echo(f"layerlab {v}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", "-V", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    # No docstring: the app's help (above) stays the top-level help text.
+    pass
+
+
 # One module per command family; each adds its commands to ``app``.
 COMMAND_MODULES = ["train", "results", "demo", "criticality", "dynamics", "invariance", "sweep"]
 for _name in COMMAND_MODULES:
     importlib.import_module(f"{__name__}.{_name}").register(app)
 
 
+def _click_errors() -> tuple[type[Exception], ...]:
+    """Usage-error base classes: typer >= 0.2x raises its vendored copy of click's, older typer click's own."""
+    found: list[type[Exception]] = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(importlib.import_module(module).ClickException)
+        except ImportError:
+            pass
+    return tuple(found)
+
+
+def _usage_line(e: Exception) -> str:
+    """One line for a click/typer usage error: the message, then where the command's help is."""
+    message = " ".join(e.format_message().split()).rstrip(".")
+    ctx = getattr(e, "ctx", None)
+    where = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+    return f"error: {message}{where}"
+
+
+def _interrupted() -> NoReturn:
+    """Ctrl-C: say that finished work is kept (every result is written atomically), exit 130."""
+    typer.secho("interrupted: finished results are kept; re-run the same command to resume", err=True)
+    sys.exit(130)
+
+
 def main() -> None:
-    """Entry point: run the app, turning user errors into one clear line and exit status 2."""
+    """Entry point: run the app; usage errors and user errors print one line and exit with status 2.
+
+    ``standalone_mode=False`` so that this function, not click, words the errors; typer then returns
+    the status of ``typer.Exit`` (and 130 for Ctrl-C) instead of exiting, so it is passed on here.
+    """
     try:
-        app(standalone_mode=False)
+        status = app(prog_name="layerlab", standalone_mode=False)
     except LayerlabError as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
-        typer.secho("interrupted: finished results are kept; re-run the same command to resume", err=True)
-        sys.exit(130)
-    except Exception as e:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+        _interrupted()
+    except _click_errors() as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # a bare group (`layerlab`, `layerlab zoo`): show its help
             e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Exit):
-            sys.exit(e.exit_code)
-        raise
+        else:
+            typer.secho(_usage_line(e), fg=typer.colors.RED, err=True)
+        sys.exit(2)
+    if status == 130:
+        _interrupted()
+    if isinstance(status, int) and status:
+        sys.exit(status)

@@ -1,7 +1,10 @@
 """Small helpers shared by the CLI modules."""
 from __future__ import annotations
 
-from typing import Any
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
 
 import pandas as pd
 from rich.console import Console
@@ -9,6 +12,46 @@ from rich.table import Table
 
 from ..errors import LayerlabError
 from ..models import _parse_value
+
+
+def check_out(path: Path, *, kind: Literal["folder", "file"] = "folder", option: str = "--out",
+              write: bool = True) -> None:
+    """Refuse an output path that cannot work, before any model or data is loaded.
+
+    Without this a bad --out failed with a traceback only after the computation had run. Refused: an existing
+    path of the other kind, a path under a file, and (``write``) a place where no new file can be made. The
+    last is a real probe (a temp file made and removed in the nearest existing folder), not ``os.access``,
+    so it is right for root and for read-only mounts. Nothing is left behind.
+    """
+    path = Path(path)
+    shown = repr(str(path))
+    probe = path
+    try:
+        if path.is_dir():
+            if kind == "file":
+                raise LayerlabError(f"{option} {shown} is a folder; pass a file path")
+            probe = path
+        elif path.exists():
+            if kind == "folder":
+                raise LayerlabError(
+                    f"{option} {shown} is an existing file, not a folder; pass a new or an earlier output folder"
+                )
+            probe = path.absolute().parent
+        else:
+            probe = next(p for p in path.absolute().parents if p.exists())
+            if not probe.is_dir():
+                raise LayerlabError(
+                    f"{option} {shown} cannot be made: {str(probe)!r} is a file, not a folder; pick another path"
+                )
+        if write:
+            fd, tmp = tempfile.mkstemp(prefix=".layerlab-write-probe-", dir=probe)
+            os.close(fd)
+            os.unlink(tmp)
+    except OSError as e:
+        raise LayerlabError(
+            f"{option} {shown} is not writable (no new file in {str(probe)!r}: {e.strerror}); "
+            "pick a folder you can write to"
+        ) from None
 
 
 def set_threads(threads: int | None) -> None:

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from ..errors import LayerlabError
+from ._common import check_out
 
 _NAMED = re.compile(r"^([A-Za-z0-9_.\-]+)=(.+)$")
 
@@ -49,7 +50,9 @@ def register(app: typer.Typer) -> None:
             "Default with --run: the run's final.pt."
         ),
         data: str = typer.Option("digits", "--data", "-d", help="Data spec: digits, cifar10:DIR, imagenet-val:DIR ..."),
-        split: str = typer.Option("test", help="Data split (module criticality: the paper uses train)."),
+        split: Optional[str] = typer.Option(
+            None, help="Data split; default test, and train with --module (Chatterji et al. measure on training data).",
+        ),
         images: Optional[int] = typer.Option(
             None, "--images", "-n",
             help="A fixed seeded subset of this many images (default all).",
@@ -93,7 +96,10 @@ def register(app: typer.Typer) -> None:
             False, "--naive",
             help="Reference implementation: full forward per layer and trial.",
         ),
-        seed: int = typer.Option(0, help="Seed of the image subset and of trial 0 (trial t uses seed + t)."),
+        seed: int = typer.Option(
+            0, help="Base seed of the image subset, the fresh instances and the --module noise; each draw has its own "
+            "stream (trial t: derive_seed('criticality/fresh', seed, t)), never a seed a model trains with.",
+        ),
         attrs: Optional[Path] = typer.Option(
             None, "--attrs",
             help="CSV of per-model attributes for the figures (model, category, budget, accuracy).",
@@ -110,6 +116,10 @@ def register(app: typer.Typer) -> None:
 
         Example: layerlab criticality 'timm:resnet18?num_classes=10' --data digits --trials 3 --out out/crit
         """
+        check_out(out)
+        if attrs is not None and not attrs.is_file():  # read only after the computation: check it now
+            raise LayerlabError(f"--attrs {str(attrs)!r} does not exist; pass a CSV with a 'model' column")
+
         import pandas as pd
 
         from ..criticality import criticality, module_criticality, network_criticality, summarize, write_tables
@@ -122,7 +132,7 @@ def register(app: typer.Typer) -> None:
                 raise LayerlabError("no model given; pass SPEC... (e.g. 'timm:resnet18?num_classes=10') or --run RUN_DIR")
             named = {run.name: _default_model(run)}
         picked = _split_list(layers) or None
-        images_data = load_data(data, split, images, seed)
+        images_data = load_data(data, split or ("train" if module else "test"), images, seed)
         if module:
             table = module_criticality(
                 named, images_data, run=run, layers=picked, units=units, seed=seed, eps_factor=eps_factor,
@@ -144,8 +154,6 @@ def register(app: typer.Typer) -> None:
 
                 extra = None
                 if attrs is not None:
-                    if not attrs.exists():
-                        raise LayerlabError(f"--attrs {str(attrs)!r} does not exist; pass a CSV with a 'model' column")
                     extra = pd.read_csv(attrs)
                 paths += save_all(summary, out, attrs=extra, baseline=baseline)
             varied = summary[["mode", "epoch"]].astype(str).drop_duplicates().shape[0] > 1

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from ._common import print_frame, set_threads
+from ._common import check_out, print_frame, set_threads
 
 
 def register(app: typer.Typer) -> None:
@@ -22,6 +22,8 @@ def register(app: typer.Typer) -> None:
         Writes OUT/zoo (trained runs), OUT/shards (tidy Parquet tables), figures and a report. Takes a few
         minutes on a 2-core CPU; a killed demo resumes where it stopped.
         """
+        check_out(out)
+
         from ..demo import ORDER, run_demo
 
         set_threads(threads)

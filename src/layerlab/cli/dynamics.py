@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from ._common import print_frame, set_threads
+from ._common import check_out, print_frame, set_threads
 
 
 def _split_list(items: list[str]) -> list[str]:
@@ -39,6 +39,8 @@ def register(app: typer.Typer) -> None:
 
         Example: layerlab dynamics runs/resnet-sgd --out dyn --layers layer1.1,layer2.1,layer3.1,layer4.1 --triplets 50 --resolution 30
         """
+        check_out(out)
+
         from ..dynamics import decision_regions, dynamics
         from ..plots.dynamics import decision_regions as plot_regions
         from ..plots.dynamics import save_dynamics, save_figure
@@ -87,6 +89,8 @@ def register(app: typer.Typer) -> None:
 
         Example: layerlab compare file:zoo/resnet-sgd/final.pt file:zoo/resnet-adam/final.pt --out cmp
         """
+        check_out(out)
+
         from ..dynamics import compare
         from ..plots.dynamics import layer_heatmap, save_figure
         from ..store import Store, job_key

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from ._common import print_frame, set_threads
+from ._common import check_out, print_frame, set_threads
 
 SUMMARY_COLUMNS = ["label", "retention", "reverse", "ceiling", "scratch", "transfer", "noise", "cka", "best_label",
                    "shift", "shift_above_noise", "scratch_shift", "scratch_shift_above_noise", "inversion_loss"]
@@ -38,6 +38,8 @@ def register(app: typer.Typer) -> None:
         Example: layerlab invariance runs/pt/final.pt runs/ft/final.pt --scratch runs/sc/final.pt
         --data 'digits?classes=5-9' --out inv --layers conv1,layer1,layer2,layer3,layer4,fc --steps 300
         """
+        check_out(out)
+
         from ..invariance import InversionCache, as_model_spec, example_inversions, grid_images, invariance_grid
         from ..models import load_model
         from ..plots.invariance import save_all

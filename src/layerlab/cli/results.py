@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from ._common import print_frame
+from ._common import check_out, print_frame
 
 
 def register(app: typer.Typer) -> None:
@@ -26,6 +26,8 @@ def register(app: typer.Typer) -> None:
 
         if not out.is_dir():
             raise LayerlabError(f"output folder {str(out)!r} does not exist; pass the --out of an earlier run")
+        if csv is not None:
+            check_out(csv, kind="file", option="--csv")
         store = Store(out)
         names = store.analyses()
         if sql:

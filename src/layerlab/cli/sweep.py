@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from ._common import print_frame, set_threads
+from ._common import check_out, print_frame, set_threads
 
 
 def register(app: typer.Typer) -> None:
@@ -31,6 +31,8 @@ def register(app: typer.Typer) -> None:
 
           layerlab sweep my-sweep.yaml --out /shared/out --engine ray --address auto
         """
+        check_out(out, write=not dry_run)  # a dry run only reads: a read-only OUT is fine
+
         from ..sweep import load_sweep, plan, run_sweep
 
         set_threads(threads)
@@ -62,6 +64,9 @@ def register(app: typer.Typer) -> None:
 
         The page needs no network: it opens offline in any browser.
         """
+        if html is not None or out.is_dir():  # a missing OUT is reported by write_report
+            check_out(html or out / "report.html", kind="file", option="--html" if html else "OUT")
+
         from ..report import write_report
 
         path = write_report(out, html, max_rows=rows)

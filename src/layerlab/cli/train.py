@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ._common import parse_overrides, print_frame, set_threads
+from ._common import check_out, parse_overrides, print_frame, set_threads
 
 console = Console()
 
@@ -38,6 +38,8 @@ def register(app: typer.Typer) -> None:
 
         Example: layerlab train 'timm:resnet18?channels=16,32,64,128' --data digits --out runs/base --epochs 8
         """
+        check_out(out)
+
         from ..train import recipe as make_recipe
         from ..train import train
 
@@ -67,6 +69,8 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("cpu"),
     ) -> None:
         """Finetune a pretrained checkpoint on new data: full finetuning or linear probing; the head is re-made."""
+        check_out(out)
+
         from ..models import read_checkpoint_meta
         from ..train import recipe as make_recipe
         from ..train import train
@@ -97,6 +101,8 @@ def register(app: typer.Typer) -> None:
         threads: Optional[int] = typer.Option(None),
     ) -> None:
         """Train every model of a zoo; finished models are skipped, a killed model resumes from its last epoch."""
+        check_out(out)
+
         from ..train import train_zoo
 
         set_threads(threads)
