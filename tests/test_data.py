@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from layerlab.data import load_data
+from layerlab.data import load_data, subset_rows
 from layerlab.errors import DataError, LayerlabError, SpecError
 
 
@@ -36,6 +36,32 @@ def test_seeded_subset_is_recorded_and_reproducible():
     assert a.meta["seed"] == 3
     with pytest.raises(DataError, match="positive"):
         load_data("digits", "test", n=0)
+
+
+def test_one_subset_choice_for_disk_and_memory():
+    """load_data(spec, split, n, seed) and load_data(spec, split).sample(n, seed) choose the same images."""
+    for spec in ("digits?size=8", "digits?size=8&classes=2,7"):
+        full = load_data(spec, "test")
+        for n, seed in ((5, 0), (30, 11)):
+            a, b = load_data(spec, "test", n=n, seed=seed), full.sample(n, seed)
+            assert torch.equal(a.indices, b.indices) and torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+            assert b.meta["seed"] == seed
+        assert full.sample(None, 3) is full and full.sample(len(full), 3) is full
+    rows = subset_rows(100, 10, 4, "x")
+    assert rows.tolist() == sorted(rows.tolist()) and len(set(rows.tolist())) == 10
+    assert torch.equal(rows, subset_rows(100, 10, 4, "x")) and not torch.equal(rows, subset_rows(100, 10, 5, "x"))
+    assert subset_rows(7, None, 0, "x").tolist() == list(range(7))
+    with pytest.raises(DataError, match="asked for 8 images but the toy set holds 7; pass --train-n 7 or fewer"):
+        subset_rows(7, 8, 0, "the toy set", "--train-n")
+
+
+def test_unknown_or_bad_spec_options_are_errors():
+    with pytest.raises(SpecError, match="data source 'digits' has no option 'sise'; its options are: size, channels"):
+        load_data("digits?sise=16", "test")
+    with pytest.raises(SpecError, match="size='x' is not a positive integer"):
+        load_data("digits?size=x", "test")
+    with pytest.raises(SpecError, match="has classes 0-9"):
+        load_data("digits?size=8&classes=8-12", "test")
 
 
 def test_class_subset_relabels():

@@ -179,3 +179,14 @@ def test_zoo_kill9_resumes_without_retraining(tmp_path, tiny_arch):
     m = runs.run_metrics(out / "slow")
     assert len(m) == 8 and m["epoch"].tolist() == list(range(1, 9)) and epochs_before >= 1
     assert sorted(table["model"]) == ["quick", "slow"]
+
+
+def test_train_and_test_splits_with_different_classes_are_refused(tmp_path, tiny_arch):
+    from PIL import Image
+
+    for split, classes in (("train", ("cat", "dog")), ("test", ("cat", "cow"))):
+        for c in classes:
+            (tmp_path / "d" / split / c).mkdir(parents=True)
+            Image.new("RGB", (8, 8), 40).save(tmp_path / "d" / split / c / "0.png")
+    with pytest.raises(LayerlabError, match=r"labels do not line up \(only in train: \['dog'\], only in test: \['cow'\]\)"):
+        train(tiny_arch, f"imagefolder:{tmp_path / 'd'}", recipe("baseline", **FAST), tmp_path / "r", progress=False)

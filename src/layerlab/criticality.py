@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .data import ImageData, load_data
+from .data import ImageData, check_label_coverage, load_data, to_unit_float
 from .errors import LayerlabError, NonFiniteError, ShapeError, check_finite
 from .layers import LEARNABLE, display_label, layers as learnable_layers, pick_by_name, resolve_layers, residual_blocks
 from .models import Normalized, fresh_model, load_model
@@ -378,8 +378,9 @@ class Pipeline:
             yield
 
     def input(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, C, H, W] -> float in [0, 1] on the device, in the pipeline's memory format."""
-        return self.prepare(images.to(self.device).float().div_(255))
+        """uint8 (0..255) or float (0..1) [B, C, H, W] -> float in [0, 1] on the device, in the pipeline's memory
+        format."""
+        return self.prepare(to_unit_float(images, self.device))
 
     @staticmethod
     def _logits(y: Any, what: str) -> torch.Tensor:
@@ -517,10 +518,7 @@ def _named_models(models: ModelLike | Sequence[ModelLike] | Mapping[str, ModelLi
 
 def _as_data(data: ImageData | str, split: str, images: int | None, seed: int) -> ImageData:
     if isinstance(data, ImageData):
-        if images is None or images >= len(data):
-            return data
-        rows = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:images].sort().values
-        return data.subset(rows)  # the same seeded choice load_data makes
+        return data.sample(images, seed)  # the same seeded choice load_data makes; too many is an error
     if isinstance(data, str):
         return load_data(data, split, images, seed)
     raise LayerlabError(f"data: expected a data spec such as 'digits' or an ImageData, got {type(data).__name__}")
@@ -717,6 +715,7 @@ def _evaluate(
         originals = []
         for s in range(0, len(data), batch_size):
             logits = pipe.full(pipe.input(data.images[s : s + batch_size]))
+            check_label_coverage(logits.shape[-1], data, f"model {name!r}")
             check_finite(logits, what=f"the original logits of model {name!r}", hint="the model itself produces NaN/inf")
             originals.append((logits, data.labels[s : s + batch_size].to(logits.device)))
         base = _base_accuracy(originals)
@@ -732,6 +731,7 @@ def _evaluate(
             on_done(task, base)
         return
     first = pipe.validate(pipe.input(data.images[:batch_size]), f"model {name!r}")
+    check_label_coverage(first[0].shape[-1], data, f"model {name!r}")
     starts = {t.unit.name: min(pipe.stage_of(n) for n in t.unit.params) for t in tasks}  # type: ignore[type-var]
     split = {t.unit.name: [pipe.split(ov) for ov in t.overrides] for t in tasks}
     traces = _Traces(pipe, data, set(starts.values()), batch_size, max_bytes, first)
@@ -1112,6 +1112,7 @@ def module_criticality(
             pipe = Pipeline(model, dev, amp=False, channels_last=False)
             with _eval_mode(model):
                 first = pipe.validate(pipe.input(data.images[:batch_size]), f"model {name!r}")
+                check_label_coverage(first[0].shape[-1], data, f"model {name!r}")
                 keep = {min(pipe.stage_of(p) for p in u.params) for u in todo}  # type: ignore[type-var]
                 traces = _Traces(pipe, data, keep, batch_size, cache_mb * 2**20, first)
                 loss = _trained_loss(traces)

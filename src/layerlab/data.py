@@ -5,19 +5,33 @@ Spec forms::
     digits[?size=32&channels=3]   the embedded default: scikit-learn's handwritten digits (1,797 real 8x8 scans,
                                   10 classes, shipped inside the scikit-learn wheel, so no network), upsampled
     cifar10:DIR / cifar100:DIR    the torchvision on-disk format (cifar-10-batches-py / cifar-100-python)
-    imagefolder:DIR[?size=S]      DIR/<split>/<class>/*.png|jpg (or DIR/<class>/... for every split)
-    imagenet-val:DIR[?size=224]   ImageNet validation: DIR/<wnid>/*.JPEG, or flat DIR/*.JPEG + LOC_val_solution.csv
+    imagefolder:DIR[?size=S&crop=1&skip_bad=true]
+                                  DIR/<split>/<class>/*.png|jpg (or DIR/<class>/... for every split)
+    imagenet-val:DIR[?size=224&skip_bad=true]
+                                  ImageNet validation: DIR/<wnid>/*.JPEG, or flat DIR/*.JPEG + LOC_val_solution.csv
 
 Any spec takes ``classes=0-4`` (or ``1,3,5``): only those classes, relabelled 0..k-1 (for finetuning splits).
+An option a source does not know is an error (a typo never silently falls back to a default).
+
+An unreadable image file (truncated, corrupt, not an image) stops loading with an error naming the file.
+``skip_bad=true`` on ``imagefolder:`` and ``imagenet-val:`` skips such files instead, with a warning that
+lists them (also kept in ``ImageData.meta["skipped"]``); files are decoded lazily, so a subset then holds
+fewer images than asked, by exactly the files listed.
 
 Images are decoded once into a uint8 tensor [N, C, H, W] (memoised per process), and a fixed seeded subset
-records the indices it chose, so every layer, trial and checkpoint sees the same images in the same order.
+(:func:`subset_rows`, stream ``data/subset``) records the indices it chose, so every layer, trial and
+checkpoint sees the same images in the same order. :meth:`ImageData.sample` draws the same subset from an
+``ImageData`` in memory as ``load_data(spec, split, n, seed)`` draws from disk.
+
+An ``ImageData`` built by hand may hold uint8 images (0..255) or floating images (0..1); :func:`to_unit_float`
+turns either into float32 in [0, 1], the one input convention of every model and analysis.
 """
 from __future__ import annotations
 
 import csv
 import functools
 import pickle
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -27,17 +41,80 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import DataError, SpecError
+from . import seeds
+from .errors import DataError, ShapeError, SpecError
 from .registry import Registry
 
 DATA_SOURCES: Registry[Callable[..., "ImageData | Listing"]] = Registry("data source")
 SPLITS = ("train", "test", "val")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+UNIT_SLACK = 1e-3  # float rounding of augmentations (AugMix blends) may step a hair outside [0, 1]
+TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def to_unit_float(images: torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Images as a new float32 tensor in [0, 1] on ``device``: uint8 (0..255) is divided by 255, floating
+    (0..1) is kept as is. The one conversion every model input goes through, so float images are never
+    divided by 255 twice (which made every image near-black and every analysis number wrong)."""
+    if images.dtype == torch.uint8:
+        return images.to(device).float().div_(255)
+    if images.is_floating_point():
+        _check_unit_range(images, "images")
+        return images.to(device=device, dtype=torch.float32, copy=True)
+    raise ShapeError(f"images: expected uint8 (0..255) or floating (0..1) values, got dtype {images.dtype}; "
+                     "convert with x.to(torch.uint8) or x.float() / 255")
+
+
+def _check_unit_range(images: torch.Tensor, name: str) -> None:
+    """Raise DataError unless floating ``images`` lie in [0, 1] (0-255 floats would be silently wrong)."""
+    if images.numel() == 0:
+        return
+    lo, hi = float(images.min()), float(images.max())
+    if not (-UNIT_SLACK <= lo and hi <= 1.0 + UNIT_SLACK):  # also false for NaN
+        hint = ("images look like 0-255 floats: pass uint8 or divide by 255" if hi > 1.0 and lo >= 0.0 and hi <= 255.0
+                else "normalised or non-finite images are not accepted: pass uint8 or floats in [0, 1]")
+        raise DataError(f"{name}: floating images must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]; {hint}")
+
+
+def subset_rows(count: int, n: int | None, seed: int, what: str, arg: str = "--images") -> torch.Tensor:
+    """Sorted positions (int64) of a fixed seeded subset of ``n`` of ``count`` items (stream ``data/subset``).
+
+    ``n=None`` or ``n == count`` means all, in order. Asking for more than ``count`` is an error, never a silent
+    ``count``: ``what`` names the collection (e.g. "the test split of 'digits'") and ``arg`` the option to fix.
+    """
+    if n is None or n == count:
+        return torch.arange(count)
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise DataError(f"{arg}: expected a positive number of images, got {n!r}; omit it to use all {count} of {what}")
+    if n > count:
+        raise DataError(f"asked for {n} images but {what} holds {count}; pass {arg} {count} or fewer (or omit it for all)")
+    perm = torch.randperm(count, generator=seeds.generator("data/subset", seed))
+    return perm[:n].sort().values
+
+
+def check_label_coverage(num_outputs: int, data: "ImageData", what: str) -> None:
+    """Raise DataError when a model with ``num_outputs`` logits cannot predict every class of ``data``.
+
+    Fewer outputs than classes made a 5-class model score ~0.06 on 10-class digits instead of failing; more
+    outputs than classes (an ImageNet model on ``classes=0-4``) stays allowed.
+    """
+    needed = max(data.num_classes, int(data.labels.max()) + 1 if len(data) else 0)
+    if num_outputs < needed:
+        name = f"{data.spec!r}" if data.spec else "the data"
+        raise DataError(
+            f"{what} has {num_outputs} outputs but {name} has {needed} classes (labels 0..{needed - 1}); use a model "
+            f"with at least {needed} outputs (finetune it: `layerlab finetune`), or restrict the data to its classes "
+            f"with '?classes=0-{max(num_outputs - 1, 0)}'"
+        )
 
 
 @dataclass
 class ImageData:
-    """Decoded images (uint8 [N, C, H, W]), labels (int64 [N]) and the source indices they came from."""
+    """Decoded images [N, C, H, W], labels (int64 [N]) and the source indices they came from.
+
+    ``images`` are uint8 (0..255; every loader makes these) or floating (0..1; an ImageData built by hand);
+    read them through :meth:`float` / :meth:`batches`, which give float32 in [0, 1] either way.
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -46,6 +123,24 @@ class ImageData:
     spec: str = ""
     split: str = ""
     meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Reject images a model would read wrongly: not [N, C, H, W], not uint8/floating, or floats outside [0, 1]."""
+        x = self.images
+        if not isinstance(x, torch.Tensor) or x.ndim != 4:
+            got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ShapeError(f"ImageData.images: expected a tensor [N, C, H, W], got {got}; "
+                             "add a batch dimension with x.unsqueeze(0) or a channel one with x.unsqueeze(1)")
+        if x.dtype != torch.uint8 and not x.is_floating_point():
+            raise ShapeError(f"ImageData.images: expected uint8 (0..255) or floating (0..1), got dtype {x.dtype}")
+        if x.is_floating_point():
+            _check_unit_range(x, "ImageData.images")
+        n = x.shape[0]
+        for name in ("labels", "indices"):
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (n,):
+                got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ShapeError(f"ImageData.{name}: expected a tensor of shape ({n},), one per image, got {got}")
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -59,17 +154,36 @@ class ImageData:
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
 
     def float(self, device: str | torch.device = "cpu") -> torch.Tensor:
-        """Images as float32 in [0, 1] on ``device``."""
-        return self.images.to(device).float().div_(255)
+        """Images as float32 in [0, 1] on ``device`` (:func:`to_unit_float`)."""
+        return to_unit_float(self.images, device)
 
     def subset(self, rows: torch.Tensor | np.ndarray | list[int]) -> "ImageData":
+        """The images at positions ``rows``, in that order (their source ``indices`` travel along)."""
         rows = torch.as_tensor(rows, dtype=torch.long)
         return ImageData(self.images[rows], self.labels[rows], self.indices[rows], self.classes, self.spec, self.split, dict(self.meta))
+
+    def sample(self, n: int | None, seed: int, arg: str = "--images") -> "ImageData":
+        """A fixed seeded subset of ``n`` images (all for ``None``), the same choice ``load_data`` makes.
+
+        ``n`` larger than the data is a DataError naming the size (``arg`` is the option the user set).
+        """
+        rows = subset_rows(len(self), n, seed, self.describe(), arg)
+        if n is None or n == len(self):
+            return self
+        out = self.subset(rows)
+        out.meta["seed"] = seed
+        return out
+
+    def describe(self) -> str:
+        """'the test split of 'digits'' (or 'the in-memory data'): how error messages name this data."""
+        if not self.spec:
+            return f"the in-memory {self.split} data" if self.split else "the in-memory data"
+        return f"the {self.split or 'chosen'} split of {self.spec!r}"
 
     def batches(self, batch_size: int, device: str | torch.device = "cpu"):
         """Yield (float images in [0, 1], labels) batches in order."""
         for i in range(0, len(self), batch_size):
-            yield self.images[i : i + batch_size].to(device).float().div_(255), self.labels[i : i + batch_size].to(device)
+            yield to_unit_float(self.images[i : i + batch_size], device), self.labels[i : i + batch_size].to(device)
 
 
 def parse_data_spec(spec: str) -> tuple[str, str, dict]:
@@ -108,34 +222,37 @@ def _parse_classes(value: str) -> list[int]:
     return sorted(set(out))
 
 
-def load_data(spec: str, split: str = "test", n: int | None = None, seed: int = 0) -> ImageData:
+def load_data(spec: str, split: str = "test", n: int | None = None, seed: int = 0, *, arg: str = "--images") -> ImageData:
     """Load ``split`` of the data set ``spec``; ``n`` picks a fixed seeded subset (indices in ``.indices``).
 
     Only the chosen images are decoded, once per process (memoised): repeated evaluations reuse the tensor.
+    ``n`` larger than the split is a DataError that names the split's size; ``arg`` is how the message names
+    the option that set ``n`` (``--images`` for the analyses, ``--train-n`` for training).
     """
     if split not in SPLITS:
         raise SpecError(f"split {split!r} is not one of {', '.join(SPLITS)}")
-    if n is not None and n <= 0:
-        raise DataError(f"n must be a positive number of images, got {n}")
-    data = _load(spec, split, n, seed)
+    data = _load(spec, split, n, seed, arg)
     return ImageData(data.images, data.labels, data.indices, data.classes, spec, split, dict(data.meta, seed=seed))
 
 
 @functools.lru_cache(maxsize=16)
-def _load(spec: str, split: str, n: int | None, seed: int) -> ImageData:
-    source, arg, opts = parse_data_spec(spec)
-    classes = _parse_classes(opts.pop("classes")) if "classes" in opts else None
-    listing = _listing(source, arg, tuple(sorted(opts.items())), split)
+def _load(spec: str, split: str, n: int | None, seed: int, arg: str) -> ImageData:
+    source, arg_dir, opts = parse_data_spec(spec)
+    opts_classes = opts.pop("classes", None)
+    classes = _parse_classes(opts_classes) if opts_classes is not None else None
+    listing = _listing(source, arg_dir, tuple(sorted(opts.items())), split)
     pool = torch.arange(listing.count)
     if classes is not None:  # a class subset, relabelled 0..k-1 in the order given
         pool = pool[torch.isin(listing.labels, torch.tensor(classes))]
     if pool.numel() == 0:
         raise DataError(f"data set {spec!r} split {split!r} holds no images; check the path, its layout and any classes= option")
-    rows = pool
-    if n is not None and n < pool.numel():
-        rows = pool[torch.randperm(pool.numel(), generator=torch.Generator().manual_seed(seed))[:n].sort().values]
+    # The same row choice as ImageData.sample: positions within the (class-filtered) pool, chosen before decoding.
+    rows = pool[subset_rows(pool.numel(), n, seed, f"the {split} split of {spec!r}", arg)]
     data = listing.take(rows)
     data.images = data.images.contiguous()
+    if classes is not None and max(classes) >= len(data.classes):
+        raise SpecError(f"classes={opts_classes}: {spec!r} has classes 0-{len(data.classes) - 1}; "
+                        "ask only for classes in that range")
     if classes is not None:
         remap = torch.full((int(listing.labels.max()) + 1,), -1, dtype=torch.long)
         remap[torch.tensor(classes)] = torch.arange(len(classes))
@@ -148,6 +265,35 @@ def _load(spec: str, split: str, n: int | None, seed: int) -> ImageData:
 def _listing(source: str, arg: str, opts: tuple, split: str) -> Listing:
     found = DATA_SOURCES.get(source)(arg, split, dict(opts))
     return found if isinstance(found, Listing) else Listing.of(found)
+
+
+def _options(opts: dict, source: str, known: tuple[str, ...]) -> None:
+    """Raise SpecError for an option ``source`` does not read (a typo would otherwise fall back to a default)."""
+    unknown = sorted(set(opts) - set(known))
+    if unknown:
+        allowed = ", ".join(known + ("classes",))
+        raise SpecError(f"data source '{source}' has no option {unknown[0]!r}; its options are: {allowed}")
+
+
+def _flag(opts: dict, key: str, source: str) -> bool:
+    """A boolean spec option: true/1/yes/on or false/0/no/off (absent: false)."""
+    value = str(opts.get(key, "false")).lower()
+    if value not in TRUE_WORDS + FALSE_WORDS:
+        raise SpecError(f"{source}: {key}={opts[key]!r} is not a boolean; write {key}=true or {key}=false")
+    return value in TRUE_WORDS
+
+
+def _int_option(opts: dict, key: str, source: str, default: int | None) -> int | None:
+    """A positive integer spec option such as size=32."""
+    if key not in opts:
+        return default
+    try:
+        value = int(opts[key])
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise SpecError(f"{source}: {key}={opts[key]!r} is not a positive integer; write e.g. {key}=32")
+    return value
 
 
 def _need_dir(arg: str, source: str) -> Path:
@@ -172,7 +318,8 @@ def _digits(arg: str, split: str, opts: dict) -> ImageData:
     """scikit-learn's handwritten digits: 1,797 8x8 grey scans (UCI), a fixed stratified 80/20 split."""
     from sklearn.datasets import load_digits
 
-    size, channels = int(opts.get("size", 32)), int(opts.get("channels", 3))
+    _options(opts, "digits", ("size", "channels"))
+    size, channels = _int_option(opts, "size", "digits", 32), _int_option(opts, "channels", "digits", 3)
     if channels not in (1, 3):
         raise SpecError(f"digits: channels must be 1 or 3, got {channels}")
     d = load_digits()
@@ -190,7 +337,9 @@ def _digits(arg: str, split: str, opts: dict) -> ImageData:
 
 
 # ----------------------------------------------------------------------------------------------- CIFAR
-def _cifar(arg: str, split: str, folder: str, files: dict[str, list[str]], label_key: bytes, meta: tuple[str, bytes], source: str) -> ImageData:
+def _cifar(arg: str, split: str, folder: str, files: dict[str, list[str]], label_key: bytes, meta: tuple[str, bytes], source: str,
+           opts: dict) -> ImageData:
+    _options(opts, source, ())
     root = _need_dir(arg, source)
     base = root / folder if (root / folder).is_dir() else root
     names = files["train" if split == "train" else "test"]
@@ -215,35 +364,65 @@ def _cifar(arg: str, split: str, folder: str, files: dict[str, list[str]], label
 @DATA_SOURCES.register("cifar10")
 def _cifar10(arg: str, split: str, opts: dict) -> ImageData:
     files = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
-    return _cifar(arg, split, "cifar-10-batches-py", files, b"labels", ("batches.meta", b"label_names"), "cifar10")
+    return _cifar(arg, split, "cifar-10-batches-py", files, b"labels", ("batches.meta", b"label_names"), "cifar10", opts)
 
 
 @DATA_SOURCES.register("cifar100")
 def _cifar100(arg: str, split: str, opts: dict) -> ImageData:
     files = {"train": ["train"], "test": ["test"]}
-    return _cifar(arg, split, "cifar-100-python", files, b"fine_labels", ("meta", b"fine_label_names"), "cifar100")
+    return _cifar(arg, split, "cifar-100-python", files, b"fine_labels", ("meta", b"fine_label_names"), "cifar100", opts)
 
 
 # ------------------------------------------------------------------------------------ folders of images
-def _decode(paths: list[Path], size: int | None, center_crop: bool) -> torch.Tensor:
-    """Decode image files to uint8 [N, 3, H, W]: Resize(size * 256/224) + CenterCrop(size) when ``center_crop``."""
+DECODE_ERRORS = (OSError, ValueError, SyntaxError)  # PIL: truncated/corrupt (OSError), UnidentifiedImageError, bad headers
+
+
+def _decode_one(path: Path, size: int | None, center_crop: bool) -> torch.Tensor:
+    """Decode one image file to uint8 [3, H, W]: Resize(size * 256/224) + CenterCrop(size) when ``center_crop``."""
     from PIL import Image
     from torchvision.transforms.v2 import functional as TF
 
-    out = []
-    for p in paths:
-        with Image.open(p) as im:
-            t = TF.pil_to_tensor(im.convert("RGB"))
-        if size is not None:
-            if center_crop:
-                t = TF.center_crop(TF.resize(t, int(round(size * 256 / 224)), antialias=True), [size, size])
-            else:
-                t = TF.resize(t, [size, size], antialias=True)
-        out.append(t)
+    with Image.open(path) as im:
+        t = TF.pil_to_tensor(im.convert("RGB"))
+    if size is not None:
+        if center_crop:
+            t = TF.center_crop(TF.resize(t, int(round(size * 256 / 224)), antialias=True), [size, size])
+        else:
+            t = TF.resize(t, [size, size], antialias=True)
+    return t
+
+
+def _decode(paths: list[Path], size: int | None, center_crop: bool, skip_bad: bool = False) -> tuple[torch.Tensor, list[int]]:
+    """Decode image files to uint8 [N, 3, H, W]; returns (images, positions in ``paths`` that decoded).
+
+    An unreadable file is a DataError naming it, or with ``skip_bad`` it is left out (the caller lists it).
+    """
+    out, kept = [], []
+    for i, p in enumerate(paths):
+        try:
+            out.append(_decode_one(p, size, center_crop))
+        except DECODE_ERRORS as e:
+            if not skip_bad:
+                raise DataError(
+                    f"cannot read image {str(p)!r} ({type(e).__name__}: {_first_line(e)}); replace or delete it, "
+                    "or add '?skip_bad=true' to the data spec to skip unreadable files (they are listed)"
+                ) from None
+            continue
+        kept.append(i)
     shapes = {tuple(t.shape) for t in out}
     if len(shapes) > 1:
         raise DataError(f"images have different sizes ({sorted(shapes)[:3]} ...); add '?size=S' to the data spec to resize them")
-    return torch.stack(out) if out else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
+    return (torch.stack(out) if out else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)), kept
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
+
+
+def _warn_skipped(skipped: list[Path]) -> None:
+    """One warning that lists the unreadable files ``skip_bad=true`` left out."""
+    shown = ", ".join(str(p) for p in skipped[:20]) + (f" ... and {len(skipped) - 20} more" if len(skipped) > 20 else "")
+    warnings.warn(f"skip_bad=true: skipped {len(skipped)} unreadable image file(s): {shown}", stacklevel=2)
 
 
 def _class_folder_files(root: Path) -> tuple[list[Path], list[int], list[str]]:
@@ -259,6 +438,7 @@ def _class_folder_files(root: Path) -> tuple[list[Path], list[int], list[str]]:
 
 @DATA_SOURCES.register("imagefolder")
 def _imagefolder(arg: str, split: str, opts: dict) -> Listing:
+    _options(opts, "imagefolder", ("size", "crop", "skip_bad"))
     root = _need_dir(arg, "imagefolder")
     sub = root / split
     if split == "test" and not sub.is_dir() and (root / "val").is_dir():
@@ -267,26 +447,36 @@ def _imagefolder(arg: str, split: str, opts: dict) -> Listing:
     files, labels, classes = _class_folder_files(base)
     if not classes:
         raise DataError(f"imagefolder: {base} has no class subfolders; expected DIR/<class>/<image> or DIR/{split}/<class>/<image>")
-    size = int(opts["size"]) if "size" in opts else None
-    return _lazy_files(files, labels, classes, size, center_crop=bool(int(opts.get("crop", 0))))
+    size = _int_option(opts, "size", "imagefolder", None)
+    return _lazy_files(files, labels, classes, size, center_crop=_flag(opts, "crop", "imagefolder"),
+                       skip_bad=_flag(opts, "skip_bad", "imagefolder"))
 
 
-def _lazy_files(files: list[Path], labels: list[int], classes: list[str], size: int | None, center_crop: bool) -> Listing:
-    """A listing of image files that decodes only the rows asked for."""
+def _lazy_files(files: list[Path], labels: list[int], classes: list[str], size: int | None, center_crop: bool,
+                skip_bad: bool = False) -> Listing:
+    """A listing of image files that decodes only the rows asked for (``skip_bad``: leaves unreadable ones out)."""
 
     def take(rows: torch.Tensor) -> ImageData:
         chosen = [files[i] for i in rows.tolist()]
-        x = _decode(chosen, size, center_crop)
+        x, kept = _decode(chosen, size, center_crop, skip_bad)
+        skipped = [chosen[i] for i in sorted(set(range(len(chosen))) - set(kept))]
+        if skipped:
+            _warn_skipped(skipped)
+        if not kept:
+            raise DataError(f"none of the {len(chosen)} chosen image files could be read (e.g. {str(chosen[0])!r})")
+        rows = rows[torch.tensor(kept, dtype=torch.long)]
         y = torch.tensor([labels[i] for i in rows.tolist()], dtype=torch.long)
-        return ImageData(x, y, rows.clone(), classes, meta={"files": [str(f) for f in chosen]})
+        meta = {"files": [str(chosen[i]) for i in kept], "skipped": [str(p) for p in skipped]}
+        return ImageData(x, y, rows.clone(), classes, meta=meta)
 
     return Listing(len(files), take, torch.tensor(labels, dtype=torch.long))
 
 
 @DATA_SOURCES.register("imagenet-val")
 def _imagenet_val(arg: str, split: str, opts: dict) -> Listing:
+    _options(opts, "imagenet-val", ("size", "skip_bad"))
     root = _need_dir(arg, "imagenet-val")
-    size = int(opts.get("size", 224))
+    size = _int_option(opts, "size", "imagenet-val", 224)
     solution = root / "LOC_val_solution.csv"
     if solution.exists():
         with open(solution, newline="") as f:
@@ -304,4 +494,4 @@ def _imagenet_val(arg: str, split: str, opts: dict) -> Listing:
             raise DataError(
                 f"imagenet-val: {root} has neither <wnid>/ class folders nor LOC_val_solution.csv beside flat *.JPEG files"
             )
-    return _lazy_files(files, labels, classes, size, center_crop=True)
+    return _lazy_files(files, labels, classes, size, center_crop=True, skip_bad=_flag(opts, "skip_bad", "imagenet-val"))

@@ -58,9 +58,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .data import ImageData, load_data
+from .data import ImageData, load_data, subset_rows
 from .demo import DemoContext, step
-from .errors import LayerlabError, NonFiniteError, ShapeError, check_images
+from .errors import DataError, LayerlabError, NonFiniteError, ShapeError, check_images
 from .features import forward_until, iter_features
 from .layers import display_label, layers as learnable_layers
 from .models import load_model
@@ -86,6 +86,7 @@ __all__ = [
 ANALYSIS = "invariance"
 INVERSIONS = "invariance-inversions"
 SUMMARY = "invariance-summary"
+DEFAULT_IMAGES = 128  # n_images="auto": this many, or all when the data holds fewer
 VERSION = 2  # bump when the numbers change; old shards and cached inversions are then recomputed
 # 2: inversion starts and image subsets from purpose streams (layerlab.seeds)
 ESTIMATORS = ("biased", "unbiased")
@@ -488,31 +489,32 @@ class InversionCache:
 # ================================================================================================ the grid
 
 
-def _as_images(data: DataLike, n_images: int | None, seed: int, split: str) -> tuple[torch.Tensor, list[int], str]:
-    """(float images [N, C, H, W] in [0, 1], source indices, description) of a fixed seeded subset."""
+def _as_images(data: DataLike, n_images: int | str | None, seed: int, split: str) -> tuple[torch.Tensor, list[int], str]:
+    """(float images [N, C, H, W] in [0, 1], source indices, description) of a fixed seeded subset.
+
+    ``n_images="auto"``: DEFAULT_IMAGES, or every image when the data holds fewer; an explicit number larger
+    than the data is an error (never silently fewer)."""
+    if n_images == "auto":
+        try:
+            return _as_images(data, DEFAULT_IMAGES, seed, split)
+        except DataError:
+            return _as_images(data, None, seed, split)
     if isinstance(data, str):
         d = load_data(data, split, n=n_images, seed=seed)
         return d.float(), d.indices.tolist(), f"{data} [{split}]"
     if isinstance(data, ImageData):
-        rows = torch.arange(len(data))
-        if n_images is not None and n_images < len(data):
-            gen = torch.Generator().manual_seed(seed)
-            rows = torch.randperm(len(data), generator=gen)[:n_images].sort().values
-        d = data.subset(rows)
+        d = data.sample(n_images, seed)  # the same seeded choice load_data makes; too many is an error
         return d.float(), d.indices.tolist(), f"{data.spec or 'in-memory'} [{data.split}]"
     if isinstance(data, torch.Tensor):
         x = _check_input_images(data, "data")
-        rows = torch.arange(x.shape[0])
-        if n_images is not None and n_images < x.shape[0]:
-            gen = torch.Generator().manual_seed(seed)
-            rows = torch.randperm(x.shape[0], generator=gen)[:n_images].sort().values
+        rows = subset_rows(x.shape[0], n_images, seed, "the image tensor")
         return x[rows].detach().float().cpu(), rows.tolist(), "tensor"
     raise LayerlabError(
         f"data: expected a data spec such as 'digits', an ImageData or a float image tensor, got {type(data).__name__}"
     )
 
 
-def grid_images(data: DataLike, n_images: int | None = 128, seed: int = 0, split: str = "test") -> torch.Tensor:
+def grid_images(data: DataLike, n_images: int | str | None = "auto", seed: int = 0, split: str = "test") -> torch.Tensor:
     """The images :func:`invariance_grid` uses for these arguments: float [N, C, H, W] in [0, 1] (for figures)."""
     return _as_images(data, n_images, seed, split)[0]
 
@@ -552,7 +554,7 @@ def invariance_grid(
     data: DataLike = "digits",
     *,
     layers: Sequence[str] | None = None,
-    n_images: int | None = 128,
+    n_images: int | str | None = "auto",
     steps: int = 500,
     step_size: float = 0.5,
     seed: int = 0,
@@ -575,7 +577,7 @@ def invariance_grid(
     Args:
         pretrained, finetuned, scratch: models or specs (``file:run/final.pt``; a bare path means ``file:``).
         data: a data spec, an ImageData or float images [N, C, H, W] in [0, 1]; ``n_images`` picks a fixed
-            seeded subset (``seed``) of ``split``.
+            seeded subset (``seed``) of ``split``: ``"auto"`` (default) 128 images or all when fewer, ``None`` all.
         layers: module paths or labels, the same in every model; default :func:`default_layers` of ``pretrained``.
         steps, step_size, seed: the inversion (:func:`invert`).
         estimator: linear CKA estimator, ``biased`` (full N, default) or ``unbiased``.
@@ -592,7 +594,7 @@ def invariance_grid(
     """
     steps = _positive_int(steps, "steps", minimum=0)
     batch_size = _positive_int(batch_size, "batch_size")
-    if n_images is not None:
+    if n_images not in (None, "auto"):
         n_images = _positive_int(n_images, "n_images", minimum=4 if estimator == "unbiased" else 2)
     estimator = _check_estimator(estimator)
     models = _models(pretrained, finetuned, scratch, device)

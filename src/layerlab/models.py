@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .errors import LayerlabError, SpecError
-from .registry import Registry
+from .registry import Registry, close_names, did_you_mean
 
 CHECKPOINT_FORMAT = "layerlab-checkpoint/1"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -124,6 +124,24 @@ def load_model(spec: str, *, num_classes: int | None = None, device: str | torch
     return model.to(device).eval()
 
 
+@torch.no_grad()
+def num_outputs(model: nn.Module, sample: torch.Tensor) -> int:
+    """How many logits ``model`` returns, measured on ``sample`` (float images [N, C, H, W]; one is enough).
+
+    Measured rather than read from a head attribute, so it holds for every wrapper (Normalized, TrAct, timm heads).
+    """
+    flags = [(m, m.training) for m in model.modules()]  # every submodule's own flag comes back, mixed modes too
+    model.eval()
+    try:
+        device = next(iter(model.parameters()), torch.empty(0)).device
+        with torch.no_grad():
+            out = model(sample[:1].to(device))
+    finally:
+        for m, flag in flags:
+            m.training = flag
+    return int(out.shape[-1])
+
+
 def _arch_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k != "pretrained"}
 
@@ -162,8 +180,8 @@ def _timm_model(name: str, weights: str | None, kwargs: dict[str, Any]) -> nn.Mo
     pretrained = bool(kwargs.pop("pretrained", False)) or "." in name
     base = name.split(".")[0]
     if not timm.is_model(base):
-        close = timm.list_models(f"*{base[:6]}*")[:5]
-        raise SpecError(f"timm has no model {base!r}; close names: {', '.join(close) or 'none'} (timm.list_models())")
+        raise SpecError(f"timm has no model {base!r}{did_you_mean(close_names(base, timm.list_models()))}; "
+                        f"list them with timm.list_models('{base[:4]}*')")
     if not pretrained:
         return timm.create_model(base, pretrained=False, **kwargs)
     path = _timm_cached_weights(name)
@@ -212,8 +230,9 @@ def _torchvision_model(name: str, weights: str | None, kwargs: dict[str, Any]) -
     try:
         builder = torchvision.models.get_model_builder(name)
     except ValueError:
-        close = [m for m in torchvision.models.list_models() if m.startswith(name[:4])][:6]
-        raise SpecError(f"torchvision has no model {name!r}; close names: {', '.join(close) or 'none'}") from None
+        close = close_names(name, torchvision.models.list_models())
+        raise SpecError(f"torchvision has no model {name!r}{did_you_mean(close)}; "
+                        "list them with torchvision.models.list_models()") from None
     if weights is None:
         return builder(weights=None, **kwargs)
     try:

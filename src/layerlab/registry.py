@@ -2,11 +2,26 @@
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Callable, Generic, Iterable, Iterator, TypeVar
 
 from .errors import SpecError
 
 F = TypeVar("F", bound=Callable)
+
+
+def close_names(name: str, candidates: Iterable[str], n: int = 5, cutoff: float = 0.6) -> list[str]:
+    """Up to ``n`` of ``candidates`` closest to ``name``, closest first (difflib ratio; a shared prefix alone
+    is not closeness: 'resnet19' suggests 'resnet18', not 'resnet101')."""
+    return difflib.get_close_matches(name, list(candidates), n=n, cutoff=cutoff)
+
+
+def did_you_mean(close: list[str]) -> str:
+    """" (did you mean 'a', 'b' or 'c'?)" for the suggestions, or "" when there are none."""
+    if not close:
+        return ""
+    quoted = [repr(c) for c in close]
+    head = ", ".join(quoted[:-1])
+    return f" (did you mean {head + ' or ' if head else ''}{quoted[-1]}?)"
 
 
 class Registry(Generic[F]):
@@ -29,10 +44,9 @@ class Registry(Generic[F]):
         try:
             return self._items[name]
         except KeyError:
-            close = difflib.get_close_matches(name, self._items, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise SpecError(
-                f"unknown {self.kind} {name!r}{hint}; known: {', '.join(sorted(self._items))}"
+                f"unknown {self.kind} {name!r}{did_you_mean(close_names(name, self._items, n=2))}; "
+                f"known: {', '.join(sorted(self._items))}"
             ) from None
 
     def names(self) -> list[str]:

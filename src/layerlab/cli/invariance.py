@@ -21,7 +21,10 @@ def register(app: typer.Typer) -> None:
         data: str = typer.Option(..., "--data", "-d", help="Images to invert, e.g. the downstream data 'digits?classes=5-9'."),
         out: Path = typer.Option(..., "--out", "-o", help="Output folder: shards/, cache/inversions/, figures/invariance/. Re-running resumes."),
         layers: list[str] = typer.Option([], "--layers", "-l", help="Layers in depth order, module paths or labels (repeatable or comma-separated); default 6 evenly spaced conv/linear layers."),
-        images: int = typer.Option(128, "--images", "-n", help="Number of images (a fixed seeded subset of --split)."),
+        images: Optional[int] = typer.Option(
+            None, "--images", "-n",
+            help="Number of images (a fixed seeded subset of --split); default 128, or all when the split holds fewer.",
+        ),
         steps: int = typer.Option(500, "--steps", help="Inversion steps (the reference uses 500-1000)."),
         step_size: float = typer.Option(0.5, "--step-size", help="L2 length of each normalised-gradient step in pixel space."),
         seed: int = typer.Option(0, help="Seed of the image subset and of the initial noise."),
@@ -50,12 +53,12 @@ def register(app: typer.Typer) -> None:
         models = [load_model(as_model_spec(s), device=device) if s else None for s in (pretrained, finetuned, scratch)]
         store = Store(out)
         cache = InversionCache(out / "cache" / "inversions")
-        res = invariance_grid(*models, data=data, layers=names, n_images=images, steps=steps, step_size=step_size,
+        res = invariance_grid(*models, data=data, layers=names, n_images=images or "auto", steps=steps, step_size=step_size,
                               seed=seed, split=split, estimator=estimator, batch_size=batch_size, device=device,
                               cache=cache, store=store, progress=True)
         originals, shown = None, None
         if examples > 0:
-            originals = grid_images(data, images, seed, split)[:examples]
+            originals = grid_images(data, images or "auto", seed, split)[:examples]
             shown = example_inversions(cache, res["inversions"], k=examples)
         paths = save_all(res, out / "figures" / "invariance", originals=originals, examples=shown)
         summary = res["summary"]

@@ -18,13 +18,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import runs
-from ..data import ImageData, load_data
-from ..errors import LayerlabError, NonFiniteError
-from ..models import load_model, save_checkpoint
+from ..data import ImageData, check_label_coverage, load_data, to_unit_float
+from ..errors import DataError, LayerlabError, NonFiniteError
+from ..models import load_model, num_outputs, save_checkpoint
+from ..seeds import derive_seed, generator, global_seed
 from ..store import atomic_write, atomic_write_text
 from .adversarial import pgd
 from .augment import augmenter, mixer
 from .recipes import Recipe
+
+RNG_STREAMS = "purpose-streams/1"  # recorded in run.json: runs seeded the old way (seed, seed + 1, ...) differ
 
 
 def checkpoint_epochs(schedule: str | list[int], epochs: int) -> list[int]:
@@ -47,8 +50,14 @@ def checkpoint_epochs(schedule: str | list[int], epochs: int) -> list[int]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: ImageData, *, labels: torch.Tensor | None = None, batch_size: int = 500,
-             device: str | torch.device = "cpu") -> tuple[float, float]:
-    """(mean cross-entropy, top-1 accuracy) of ``model`` on ``data`` (or on ``labels`` in its place), eval mode."""
+             device: str | torch.device = "cpu", what: str = "the model",
+             hint: str = "its weights may have diverged (lower the learning rate it was trained with)") -> tuple[float, float]:
+    """(mean cross-entropy, top-1 accuracy) of ``model`` on ``data`` (or on ``labels`` in its place), eval mode.
+
+    Raises DataError when the model has fewer outputs than ``data`` has classes, and NonFiniteError when its
+    outputs are NaN or inf (``what`` and ``hint`` word that message): NaN logits would score a chance-level
+    accuracy that looks like a result.
+    """
     was = model.training
     model.eval()
     labels = data.labels if labels is None else labels
@@ -58,11 +67,20 @@ def evaluate(model: nn.Module, data: ImageData, *, labels: torch.Tensor | None =
             y = labels[i * batch_size : i * batch_size + x.shape[0]].to(device)
             with _autocast(device):
                 logits = model(_layout(x, device)).float()
+            if i == 0:
+                check_label_coverage(logits.shape[-1], data, what)
+            if not bool(torch.isfinite(logits).all()):
+                raise NonFiniteError(f"{what} gives NaN or inf outputs on {data.describe()}; {hint}")
             total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(1) == y).sum())
     finally:
         model.train(was)
     return total_loss / len(data), correct / len(data)
+
+
+def _cuda(device: str | torch.device) -> list[torch.device]:
+    dev = torch.device(device)
+    return [dev] if dev.type == "cuda" else []
 
 
 def _autocast(device: str | torch.device):
@@ -75,10 +93,11 @@ def _layout(x: torch.Tensor, device: str | torch.device) -> torch.Tensor:
 
 
 def noisy_labels(labels: torch.Tensor, fraction: float, num_classes: int, seed: int) -> torch.Tensor:
-    """Symmetric label noise: a seeded ``fraction`` of the labels moved to a different class, uniformly."""
+    """Symmetric label noise: a seeded ``fraction`` of the labels moved to a different class, uniformly
+    (stream ``train/label-noise`` of ``seed``)."""
     if fraction <= 0:
         return labels.clone()
-    g = torch.Generator().manual_seed(seed)
+    g = generator("train/label-noise", seed)
     n = labels.shape[0]
     rows = torch.randperm(n, generator=g)[: int(round(fraction * n))]
     shift = torch.randint(1, num_classes, (rows.numel(),), generator=g)
@@ -119,20 +138,25 @@ def train(arch: str, data: str, recipe: Recipe, out: str | Path, *, seed: int = 
     """
     out = Path(out)
     config = {"arch": arch, "data": data, "recipe": recipe.to_dict(), "seed": seed, "checkpoints": checkpoints,
-              "train_n": train_n, "trainable": trainable, "init": init, "attrs": attrs or {}}
+              "train_n": train_n, "trainable": trainable, "init": init, "rng": RNG_STREAMS, "attrs": attrs or {}}
     if (out / "run.json").exists():
         old = json.loads((out / "run.json").read_text())
         if {k: v for k, v in old.items() if k != "attrs"} != {k: v for k, v in json.loads(json.dumps(config)).items() if k != "attrs"}:
             raise LayerlabError(f"{out} holds a different run (its run.json differs); choose another --out or delete it")
         if runs.is_done(out):
             return out
-    train_set = load_data(data, "train", n=train_n, seed=seed)
+    train_set = load_data(data, "train", n=train_n, seed=seed, arg="--train-n")
     test_set = load_data(data, "test")
+    _check_same_classes(train_set, test_set)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "run.json", json.dumps(config, indent=2))
 
-    torch.manual_seed(seed)
-    model = _build(arch, train_set.num_classes, init, device)
+    # Four independent streams (layerlab.seeds): init, data order, augmentation, label noise. None of them is
+    # the integer ``seed`` itself, so no analysis stream (a criticality trial, say) can rebuild this init.
+    with global_seed("train/init", seed, devices=_cuda(device)):
+        model = _build(arch, train_set.num_classes, init, device)
+    check_label_coverage(num_outputs(model, to_unit_float(test_set.images[:1])), train_set, f"model {arch!r}")
+    torch.manual_seed(derive_seed("train/augment", seed))  # torchvision transforms and PGD take no generator
     arch_spec = model.layerlab_arch
     if trainable == "head":
         _freeze_all_but_head(model)
@@ -143,7 +167,7 @@ def train(arch: str, data: str, recipe: Recipe, out: str | Path, *, seed: int = 
 
         apply_tract(model, lam=recipe.tract)
     model.layerlab_arch = arch_spec
-    labels = noisy_labels(train_set.labels, recipe.label_noise, train_set.num_classes, seed + 1)
+    labels = noisy_labels(train_set.labels, recipe.label_noise, train_set.num_classes, seed)
     steps_per_epoch = math.ceil(len(train_set) / recipe.batch_size)
     opt = _optimizer(model, recipe)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe, steps_per_epoch))
@@ -152,7 +176,7 @@ def train(arch: str, data: str, recipe: Recipe, out: str | Path, *, seed: int = 
         from timm.utils import ModelEmaV3  # EMA with decay warm-up, so short runs are not dominated by the init
 
         ema = ModelEmaV3(model, decay=recipe.ema, use_warmup=True)
-    shuffle = torch.Generator().manual_seed(seed + 2)
+    shuffle = generator("train/order", seed)
     augment = augmenter(recipe.augment, train_set.shape[-1])
     mix = mixer(recipe.mixup, recipe.cutmix, train_set.num_classes)
     ckpt_epochs = checkpoint_epochs(checkpoints, recipe.epochs)
@@ -171,7 +195,8 @@ def train(arch: str, data: str, recipe: Recipe, out: str | Path, *, seed: int = 
         shuffle.set_state(state["shuffle"])
         rows, start = state["rows"], state["epoch"] + 1
     elif 0 in ckpt_epochs:
-        loss0, acc0 = evaluate(model, test_set, device=device)
+        loss0, acc0 = evaluate(model, test_set, device=device, what=f"the initial model {arch!r}",
+                               hint="check the architecture and the init checkpoint")
         save_checkpoint(_eval_model(model, ema), runs.checkpoint_path(out, 0), epoch=0, step=0, test_acc=acc0, test_loss=loss0)
 
     bar = tqdm(range(start, recipe.epochs + 1), desc=f"train {out.name}", disable=not progress, unit="ep", leave=False)
@@ -185,7 +210,7 @@ def train(arch: str, data: str, recipe: Recipe, out: str | Path, *, seed: int = 
         run_loss = 0.0
         for b in range(steps_per_epoch):
             idx = order[b * recipe.batch_size : (b + 1) * recipe.batch_size]
-            x = augment(train_set.images[idx]).to(device).float().div_(255)
+            x = to_unit_float(augment(train_set.images[idx]), device)
             y = labels[idx].to(device)
             target = y
             if mix is not None:
@@ -196,10 +221,7 @@ def train(arch: str, data: str, recipe: Recipe, out: str | Path, *, seed: int = 
                 logits = model(_layout(x, device))
             loss = F.cross_entropy(logits.float(), target, label_smoothing=recipe.label_smoothing)
             if not torch.isfinite(loss):
-                raise NonFiniteError(
-                    f"training loss became {loss.item()} at epoch {epoch}, step {b} of {out.name}; lower the learning "
-                    f"rate (now {recipe.lr}) or check the data. Finished checkpoints in {out} are intact; re-run resumes"
-                )
+                raise _diverged(f"the training loss became {loss.item()}", epoch, b + 1, steps_per_epoch, recipe, out)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -208,9 +230,19 @@ def train(arch: str, data: str, recipe: Recipe, out: str | Path, *, seed: int = 
                 ema.update(model, step=sched.last_epoch)
             run_loss += loss.item()
         evaluated = _eval_model(model, ema)
-        train_loss, train_acc = evaluate(evaluated, train_set, labels=labels, device=device)
-        _, train_acc_clean = evaluate(evaluated, train_set, device=device) if recipe.label_noise > 0 else (None, train_acc)
-        test_loss, test_acc = evaluate(evaluated, test_set, device=device)
+        # A last step can leave finite batch losses but broken weights (NaN, or so large the outputs overflow):
+        # check the weights and the evaluated losses before anything of this epoch is written.
+        _check_finite_state(model, evaluated, epoch, steps_per_epoch, recipe, out)
+        try:
+            train_loss, train_acc = evaluate(evaluated, train_set, labels=labels, device=device)
+            _, train_acc_clean = evaluate(evaluated, train_set, device=device) if recipe.label_noise > 0 else (None, train_acc)
+            test_loss, test_acc = evaluate(evaluated, test_set, device=device)
+        except NonFiniteError:
+            raise _diverged("the evaluated model's outputs are NaN or inf (its weights overflow)", epoch, steps_per_epoch,
+                            steps_per_epoch, recipe, out) from None
+        if not math.isfinite(train_loss) or not math.isfinite(test_loss):
+            raise _diverged(f"the evaluated loss is {train_loss} (train), {test_loss} (test)", epoch, steps_per_epoch,
+                            steps_per_epoch, recipe, out)
         rows.append({"epoch": epoch, "step": epoch * steps_per_epoch, "lr": opt.param_groups[0]["lr"],
                      "batch_loss": run_loss / steps_per_epoch, "train_loss": train_loss, "train_acc": train_acc,
                      "train_acc_clean": train_acc_clean, "test_loss": test_loss, "test_acc": test_acc,
@@ -231,6 +263,35 @@ def train(arch: str, data: str, recipe: Recipe, out: str | Path, *, seed: int = 
     atomic_write_text(out / "DONE", json.dumps({"test_acc": rows[-1]["test_acc"], "train_acc": rows[-1]["train_acc"]}))
     resume.unlink(missing_ok=True)
     return out
+
+
+def _diverged(problem: str, epoch: int, step: int, steps: int, recipe: Recipe, out: Path) -> NonFiniteError:
+    """The one-line error for a diverged run: where it happened, and that the run is not marked done."""
+    return NonFiniteError(
+        f"training diverged at epoch {epoch}, step {step}/{steps} of run {str(out)!r}: {problem}; lower the learning "
+        f"rate (now {recipe.lr:g}, --lr) or check the data. The run is not marked done; the checkpoints of earlier "
+        f"epochs are kept. Train again into a new --out (or delete {str(out)!r})"
+    )
+
+
+def _check_finite_state(model: nn.Module, evaluated: nn.Module, epoch: int, steps: int, recipe: Recipe, out: Path) -> None:
+    """Raise NonFiniteError when a weight or buffer (BN statistics included) of the model or its EMA is NaN/inf."""
+    for m in {id(model): model, id(evaluated): evaluated}.values():
+        for name, t in m.state_dict().items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise _diverged(f"{name} holds NaN or inf", epoch, steps, steps, recipe, out)
+
+
+def _check_same_classes(train_set: ImageData, test_set: ImageData) -> None:
+    """Raise DataError when the train and test splits name different classes (label i would mean two things)."""
+    if train_set.classes != test_set.classes:
+        only_train = sorted(set(train_set.classes) - set(test_set.classes))
+        only_test = sorted(set(test_set.classes) - set(train_set.classes))
+        raise DataError(
+            f"{train_set.spec!r}: the train split has {train_set.num_classes} classes and the test split "
+            f"{test_set.num_classes}, so their labels do not line up (only in train: {only_train[:5]}, only in test: "
+            f"{only_test[:5]}); give both splits the same class folders"
+        )
 
 
 def _eval_model(model: nn.Module, ema) -> nn.Module:
