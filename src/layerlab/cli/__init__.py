@@ -19,7 +19,8 @@ app = typer.Typer(
     help=(
         "How a vision model uses its layers and how training shapes them.\n\n"
         "Models are specs: timm:resnet18?num_classes=10, torchvision:resnet50:IMAGENET1K_V2, file:run/final.pt. "
-        "Data are specs: digits (embedded, offline), cifar10:DIR, cifar100:DIR, imagefolder:DIR, imagenet-val:DIR. "
+        "Data are specs: digits (embedded, offline), cifar10:DIR, cifar100:DIR, imagefolder:DIR, imagenet-val:DIR "
+        "(add ?skip_bad=true to skip and list unreadable image files). "
         "Start with `layerlab demo`."
     ),
     no_args_is_help=True,
