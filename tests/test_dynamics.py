@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,8 @@ import torch.nn.functional as F
 import layerlab.dynamics as dyn
 from layerlab import load_data, load_model, save_checkpoint
 from layerlab.errors import LayerlabError
-from layerlab.regions import decision_region_similarity, sample_triplets
+from layerlab.probes import ProbeConvergenceWarning
+from layerlab.regions import decision_region_similarity
 from layerlab.runs import checkpoint_path
 from layerlab.store import Store
 
@@ -21,7 +23,7 @@ torch.set_num_threads(1)
 
 ARCH = "timm:resnet18?channels=4,8,8,8&stem_width=4&in_chans=1"
 DATA = "digits?size=16&channels=1"
-SMALL = dict(images=32, batch_size=8, triplets=3, resolution=6, probe_train=120, probe_iter=30)
+SMALL = dict(images=32, batch_size=8, triplets=3, resolution=6, probe_train=120)
 LAYER = "layer2.1"
 
 
@@ -109,10 +111,18 @@ def test_cka_matches_an_independent_minibatch_computation(run: Path, tables) -> 
     assert got == pytest.approx(ab / np.sqrt(aa * bb), abs=1e-8)
 
 
+def _images_by_index(indices: np.ndarray) -> torch.Tensor:
+    """Training-split images looked up by data-set index (independent of the triplet machinery)."""
+    full = load_data(DATA, "train")
+    where = {int(i): r for r, i in enumerate(full.indices.tolist())}
+    return full.float()[torch.tensor([where[int(i)] for i in indices])]
+
+
 def test_network_drs_matches_decision_region_similarity_of_the_checkpoints(run: Path, tables) -> None:
     t, _ = tables
-    train = load_data(DATA, "train")
-    trip = train.float()[sample_triplets(train.labels, 3, seed=0)]
+    anchors = t["triplets"].sort_values(["triplet", "point"])
+    assert len(anchors) == 3 * 3 and list(anchors["point"][:3]) == ["x1", "x2", "x3"]
+    trip = _images_by_index(anchors["index"].to_numpy()).reshape(3, 3, 1, 16, 16)  # the planes the table names
     a, b = load_model(f"file:{checkpoint_path(run, 0)}"), load_model(f"file:{checkpoint_path(run, 1)}")
     expect = decision_region_similarity(a, b, trip, resolution=6)
     assert _matrix(t["drs"], "output", "drs")[0, 1] == pytest.approx(expect, abs=1e-12)
@@ -124,6 +134,9 @@ def test_probe_rows_and_accuracies(run: Path, tables) -> None:
     assert len(p) == 3 * 3 and set(p["layer"]) == {"conv1", LAYER, "fc"}
     assert p[["train_acc", "test_acc"]].apply(lambda c: c.between(0, 1)).all().all()
     assert set(p["n_train"]) == {120} and set(p["n_test"]) == {364}
+    # every probe ran to convergence under the defaults, and says so
+    assert p["probe_converged"].all() and (p["probe_iterations"] < p["probe_max_iter"]).all()
+    assert (p["probe_iterations"] >= 1).all() and set(p["probe_max_iter"]) == {1000}
     # the head's probe reads the logits: it is at least as good as chance and its dimension is the class count
     assert set(p.loc[p["layer"] == "fc", "dim"]) == {10}
     assert set(p.loc[p["layer"] == LAYER, "dim"]) == {8 * 2 * 2}  # 8 channels pooled to 2 x 2
@@ -138,9 +151,10 @@ def test_second_call_computes_nothing(run: Path, tables, monkeypatch: pytest.Mon
 
     monkeypatch.setattr(dyn, "_checkpoint_pass", boom)
     again = dyn.dynamics(run, store=store, layers=["conv1", LAYER, "fc"], **SMALL)
-    for name in ("cka", "probes", "drs"):
+    for name in ("cka", "probes", "drs", "triplets"):
         pd.testing.assert_frame_equal(again[name], t[name])
     assert len(Store(store).paths("dynamics-cka")) == 4 and len(Store(store).paths("dynamics-probes")) == 3
+    assert len(Store(store).paths("dynamics-triplets")) == 1
 
 
 def test_a_lost_shard_is_recomputed_alone(run: Path, tables, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -197,7 +211,7 @@ def test_figures_and_decision_regions(run: Path, tables, tmp_path: Path) -> None
     paths = save_dynamics(t, tmp_path)
     assert sorted(p.name for p in paths) == sorted(f"dynamics_{v}.{e}" for v in ("cka", "drs", "probes", "accuracy") for e in ("png", "svg"))
     assert all(p.stat().st_size > 1000 for p in paths)
-    r = dyn.decision_regions(run, epochs=[0, 2], layers=[LAYER], resolution=5, probe_train=120, probe_iter=20)
+    r = dyn.decision_regions(run, epochs=[0, 2], layers=[LAYER], resolution=5, probe_train=120)
     assert len(r["regions"]) == 2 * 2 * 25 and r["regions"]["confidence"].between(0.1, 1).all()
     assert sorted(r["regions"]["layer"].unique()) == sorted([LAYER, "output"])
     assert len(set(r["anchors"]["class"])) == 3
@@ -219,3 +233,122 @@ def test_cli_dynamics_and_compare(run: Path, tmp_path: Path) -> None:
                                    "--layers-b", "conv1", "--images", "16", "--batch-size", "8"])
     assert res.exit_code == 0, res.output
     assert list((tmp_path / "figures" / "compare").glob("*.svg"))
+
+
+# ------------------------------------------------------------------------------- planes through the run's own images
+@pytest.fixture(scope="module")
+def noisy_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A run trained by the real training loop on a 60-image subset with 30% label noise; a spy records what the
+    loop itself trained on (the subset's data-set indices, its clean labels and the labels it fed the loss)."""
+    import layerlab.train.loop as loop
+    from layerlab.train import recipe, train
+
+    seen: dict[str, torch.Tensor] = {}
+    real_load, real_noise = loop.load_data, loop.noisy_labels
+
+    def spy_load(spec, split="test", n=None, seed=0, **kwargs):
+        d = real_load(spec, split, n=n, seed=seed, **kwargs)
+        if split == "train":
+            seen["indices"], seen["clean"] = d.indices.clone(), d.labels.clone()
+        return d
+
+    def spy_noise(labels, fraction, num_classes, seed):
+        seen["trained"] = real_noise(labels, fraction, num_classes, seed).clone()
+        return seen["trained"]
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(loop, "load_data", spy_load)
+    mp.setattr(loop, "noisy_labels", spy_noise)
+    try:
+        out = train(ARCH, DATA, recipe("label-noise", epochs=2, batch_size=30, label_noise=0.3),
+                    tmp_path_factory.mktemp("noisy") / "noisy", seed=3, train_n=60, progress=False)
+    finally:
+        mp.undo()
+    return out, seen
+
+
+def test_training_images_rebuild_what_the_loop_trained_on(noisy_run) -> None:
+    run, seen = noisy_run
+    train = dyn.training_images(run)
+    assert torch.equal(train.indices, seen["indices"]) and len(train) == 60
+    assert torch.equal(train.labels, seen["trained"])  # the labels the network was trained with
+    assert torch.equal(train.meta["clean_labels"], seen["clean"])
+    assert torch.equal(train.meta["noisy"], seen["trained"] != seen["clean"]) and int(train.meta["noisy"].sum()) == 18
+
+
+def test_planes_go_through_the_runs_own_training_images(noisy_run, tmp_path: Path) -> None:
+    """Acceptance (issue 11): every anchor is an image the run trained on, with the label it trained with; noisy
+    images are included (triplets are drawn by training label, so an anchor's class is the label the net fitted)."""
+    run, seen = noisy_run
+    trained = dict(zip(seen["indices"].tolist(), seen["trained"].tolist()))
+    clean = dict(zip(seen["indices"].tolist(), seen["clean"].tolist()))
+    t = dyn.dynamics(run, layers=["conv1"], tables=("drs",), triplets=24, resolution=4, probe_train=60)
+    a = t["triplets"]
+    assert len(a) == 24 * 3 and set(a["point"]) == {"x1", "x2", "x3"}
+    assert set(a["index"]) <= set(trained)  # data-set indices of the 60 training images, nothing else
+    assert a["label"].tolist() == [trained[i] for i in a["index"]]
+    assert a["clean_label"].tolist() == [clean[i] for i in a["index"]]
+    assert a["noisy"].tolist() == [trained[i] != clean[i] for i in a["index"]]
+    assert a["noisy"].any()  # the noisy-label images the network memorised are among the anchors
+    assert (a.groupby("triplet")["label"].nunique() == 3).all()  # three distinct training labels per plane
+    # the plane of triplet 0 in decision_regions is the same plane, anchored at the same training images
+    r = dyn.decision_regions(run, epochs=[2], layers=[], resolution=4, triplet=0, probe_train=60)
+    first = a[a["triplet"] == 0]
+    assert r["anchors"]["index"].tolist() == first["index"].tolist()
+    assert r["anchors"]["class"].tolist() == first["label"].tolist()
+    # and the plane passes through those images: x2 sits at (|x2 - x1|, 0) in plane coordinates
+    x = _images_by_index(first["index"].to_numpy()).double()
+    assert r["anchors"]["c1"].iloc[1] == pytest.approx(float((x[1] - x[0]).norm()), rel=1e-6)
+
+
+def test_runs_seeded_the_old_way_cannot_be_rebuilt(tmp_path: Path) -> None:
+    (tmp_path / "run.json").write_text(json.dumps({"arch": ARCH, "data": DATA, "seed": 0, "train_n": 60,
+                                                   "recipe": {"label_noise": 0.2}}))
+    with pytest.raises(LayerlabError, match="cannot be\\s+rebuilt"):
+        dyn.training_images(tmp_path)
+
+
+def test_capped_probes_are_recorded_and_warned_once(run: Path) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = dyn.dynamics(run, layers=["conv1", LAYER], tables=("probes",), probe_iter=2, **SMALL)
+    p = t["probes"]
+    assert not p["probe_converged"].any() and set(p["probe_iterations"]) == {2} and set(p["probe_max_iter"]) == {2}
+    mine = [w for w in caught if issubclass(w.category, ProbeConvergenceWarning)]
+    assert len(mine) == 1 and "6 of 6 linear probes did not converge" in str(mine[0].message)
+    assert "\n" not in str(mine[0].message)
+
+
+def test_phase_contrast_against_a_direct_count() -> None:
+    # sharp blocks: within 0.9, across 0.3 (closed form: contrast 0.6 at the true boundaries)
+    m = np.full((7, 7), 0.3)
+    for a, b in ((0, 3), (3, 7)):
+        m[a:b, a:b] = 0.9
+    assert dyn.phase_contrast(m) == (pytest.approx(0.6), (3,))
+    m3 = np.full((9, 9), 0.1)
+    for a, b in ((0, 2), (2, 5), (5, 9)):
+        m3[a:b, a:b] = 0.8
+    assert dyn.phase_contrast(m3, blocks=3) == (pytest.approx(0.7), (2, 5))
+    assert dyn.phase_contrast(np.ones((5, 5)))[0] == pytest.approx(0.0)
+    # a random symmetric matrix: the best split by explicit pair loops
+    rng = np.random.default_rng(0)
+    r = rng.random((8, 8))
+    r = (r + r.T) / 2
+    best = -np.inf
+    for cut in range(2, 7):
+        within, across = [], []
+        for i in range(8):
+            for j in range(8):
+                if i != j:
+                    (within if (i < cut) == (j < cut) else across).append(r[i, j])
+        best = max(best, np.mean(within) - np.mean(across))
+    assert dyn.phase_contrast(r)[0] == pytest.approx(best, abs=1e-12)
+
+
+def test_fit_summary_reads_the_fit_off_the_curves() -> None:
+    m = pd.DataFrame({"run": "r", "epoch": [1, 2, 3, 4, 5, 6], "lr": [0.1, 0.08, 0.05, 0.02, 0.01, 0.01],
+                      "train_acc": [0.5, 0.9, 1.0, 0.96, 1.0, 1.0]})
+    f = dyn.fit_summary(m, {"r": [0, 2, 4, 6]}).iloc[0]
+    assert f["first_fit_epoch"] == 3 and f["epochs"] == 6 and f["checkpoints_after_fit"] == 2  # epochs 4 and 6
+    assert f["lr_at_fit"] == pytest.approx(0.05) and f["lr_fraction_of_peak"] == pytest.approx(0.5)
+    assert f["train_acc_after_fit_min"] == pytest.approx(0.96)

@@ -114,3 +114,28 @@ def test_degenerate_planes_and_bad_shapes_teach() -> None:
         decision_region_similarity(_net(0), _net(0), _images(3))
     with pytest.raises(LayerlabError, match="resolution"):
         plane(*_images(), resolution=1)
+
+
+def test_triplets_come_from_the_dynamics_triplets_stream() -> None:
+    """The draw is the documented one (classes by a permutation, then one image per class) on the generator seeded
+    with SHA-256("dynamics/triplets|<seed>") (layerlab.seeds), recomputed here by hand; not on manual_seed(seed)."""
+    import hashlib
+
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 3, 4])
+
+    def by_hand(g: torch.Generator, count: int) -> torch.Tensor:
+        classes = torch.unique(labels)
+        rows = []
+        for _ in range(count):
+            chosen = torch.randperm(classes.numel(), generator=g)[:3]
+            row = []
+            for c in chosen.tolist():
+                members = torch.nonzero(labels == classes[c]).flatten()
+                row.append(int(members[torch.randint(members.numel(), (1,), generator=g)]))
+            rows.append(row)
+        return torch.tensor(rows)
+
+    seed = int.from_bytes(hashlib.sha256(b"dynamics/triplets|5").digest()[:8], "little") & (2**63 - 1)
+    expect = by_hand(torch.Generator().manual_seed(seed), 40)
+    assert torch.equal(sample_triplets(labels, 40, seed=5), expect)
+    assert not torch.equal(sample_triplets(labels, 40, seed=5), by_hand(torch.Generator().manual_seed(5), 40))

@@ -10,8 +10,9 @@ For one training run (a checkpoint series, ``layerlab.runs``) and each analysed 
   ``probe_pool x probe_pool`` (tokens: their mean), so a probe costs milliseconds; ``probe_pool=0`` flattens it all.
 * **Decision-region similarity (DRS)**: per layer, the fraction of plane grid points (:mod:`layerlab.regions`) where
   the probes of two checkpoints agree (image -> layer-l features at t -> probe_t argmax), averaged over random
-  triplets of training images; the network output (``layer == "output"``) gets the same matrix from the network's own
-  argmax.
+  triplets of the run's own training images (:func:`training_images`: the ``train_n`` subset of run.json, with the
+  labels it was trained with, noisy ones included); the network output (``layer == "output"``) gets the same matrix
+  from the network's own argmax. The ``triplets`` table names every plane's three images by data-set index.
 
 How it is computed. One pass over the checkpoints loads each checkpoint once and, per layer, keeps only what the
 all-pairs results need: the b x b Gram matrix of every probe-set batch (formed inside the forward hook, so memory is
@@ -41,12 +42,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import runs
-from .data import ImageData, load_data
+from .data import ImageData, check_label_coverage, load_data
 from .errors import LayerlabError
 from .features import OUTPUT_KEY, Extractor, as_input
 from .layers import display_label, residual_blocks
-from .models import load_model
-from .probes import fit_probe
+from .models import load_model, num_outputs
+from .probes import DEFAULT_MAX_ITER, DEFAULT_TOL, fit_probe
 from .regions import grid_coords, iter_plane_batches, plane_basis, plane_coords, plane_points, sample_triplets
 from .similarity import CKAAccumulator
 from .store import Store, job_key
@@ -59,9 +60,14 @@ __all__ = [
     "default_layers",
     "dynamics",
     "first_fit_epoch",
+    "fit_summary",
+    "phase_contrast",
+    "phase_table",
     "probe_features",
     "select_epochs",
     "training_curves",
+    "training_images",
+    "triplet_table",
 ]
 
 #: table name -> store analysis name
@@ -77,14 +83,16 @@ class DynamicsConfig:
     layers: tuple[str, ...] | None = None  # module names; None: stem and every residual block ("output" is always added)
     epochs: tuple[int, ...] | None = None  # checkpoints to analyse; None: all
     max_checkpoints: int | None = None  # keep at most this many (log-spaced, first and last always kept)
-    images: int = 512  # CKA probe set: this many images of `split` (seeded), trimmed to whole batches
+    images: int = 256  # CKA probe set: this many images of `split` (seeded), trimmed to whole batches; must not
+    # exceed the split (load_data raises): 256 fits the embedded digits' 364 test images
     batch_size: int = 64  # minibatch size of the CKA estimator
     split: str = "test"
     estimator: str = "unbiased"
     kernel: str = "linear"
     probe_method: str = "softmax"
     probe_l2: float = 1e-3
-    probe_iter: int = 100
+    probe_iter: int = DEFAULT_MAX_ITER  # cap on L-BFGS iterations; each probe row records its count and convergence
+    probe_tol: float = DEFAULT_TOL  # converged: max |gradient| of the probe objective <= probe_tol
     probe_pool: int = 2  # average-pool conv maps to s x s before the probe; 0 = flatten the whole map
     probe_train: int | None = 1000  # training-split images to fit probes on (None: all)
     triplets: int = 500
@@ -101,6 +109,8 @@ class DynamicsConfig:
             (self.batch_size >= 4, f"batch_size: the unbiased CKA estimator needs batches of >= 4, got {self.batch_size}"),
             (self.triplets >= 1, f"triplets: expected >= 1, got {self.triplets}"),
             (self.resolution >= 2, f"resolution: expected >= 2 grid points per axis, got {self.resolution}"),
+            (self.probe_iter >= 1, f"probe_iter: expected a positive L-BFGS iteration cap, got {self.probe_iter}"),
+            (self.probe_tol > 0, f"probe_tol: expected a gradient tolerance > 0, got {self.probe_tol}"),
             (self.probe_pool >= 0, f"probe_pool: expected a pooled size >= 1, or 0 for no pooling, got {self.probe_pool}"),
             (self.max_checkpoints is None or self.max_checkpoints >= 2,
              f"max_checkpoints: expected >= 2 (a matrix needs two checkpoints), got {self.max_checkpoints}"),
@@ -184,12 +194,133 @@ def first_fit_epoch(metrics: pd.DataFrame, column: str = "train_acc", threshold:
     return int(hit.iloc[0]) if len(hit) else None
 
 
+def phase_contrast(matrix: np.ndarray, blocks: int = 2, min_size: int = 2) -> tuple[float, tuple[int, ...]]:
+    """How clearly an epoch x epoch similarity matrix [K, K] splits into ``blocks`` consecutive training phases.
+
+    Over every split of the K checkpoints into ``blocks`` consecutive runs of at least ``min_size``: mean similarity
+    within a block (off the diagonal) minus mean similarity across blocks; returns the largest and the positions
+    where its blocks 2.. start. 0 for a uniform matrix; near 1 for sharp blocks. (Our operationalisation of
+    "training phases", for comparing runs; Sharon & Dar read the phases off the matrices by eye.)
+
+    >>> m = np.full((4, 4), 0.2); m[:2, :2] = m[2:, 2:] = 0.9
+    >>> c, starts = phase_contrast(m)
+    >>> round(c, 6), starts
+    (0.7, (2,))
+    """
+    import itertools
+
+    m = np.asarray(matrix, dtype=np.float64)
+    k = m.shape[0]
+    if m.ndim != 2 or m.shape[1] != k or k < blocks * min_size:
+        raise LayerlabError(f"phase_contrast: need a square matrix with >= {blocks * min_size} checkpoints, got {m.shape}")
+    off = ~np.eye(k, dtype=bool)
+    best: tuple[float, tuple[int, ...]] = (-np.inf, ())
+    for cuts in itertools.combinations(range(min_size, k - min_size + 1), blocks - 1):
+        edges = (0, *cuts, k)
+        if any(edges[i + 1] - edges[i] < min_size for i in range(blocks)):
+            continue
+        block = np.repeat(np.arange(blocks), np.diff(edges))
+        same = block[:, None] == block[None, :]
+        c = float(m[same & off].mean() - m[~same].mean())
+        if c > best[0]:
+            best = (c, tuple(int(x) for x in cuts))
+    return best
+
+
+def phase_table(cka: pd.DataFrame, blocks: int = 2, value: str = "cka") -> pd.DataFrame:
+    """:func:`phase_contrast` of every (run, layer) matrix of a dynamics table: run, layer, label, contrast, and
+    phase_starts (the epochs where blocks 2.. start)."""
+    rows = []
+    for (run, layer), g in cka.groupby(["run", "layer"], sort=False):
+        m = g.pivot_table(index="epoch_a", columns="epoch_b", values=value)
+        c, starts = phase_contrast(m.to_numpy(), blocks)
+        rows.append({"run": run, "layer": layer, "label": g["label"].iloc[0], "contrast": c,
+                     "phase_starts": [int(m.index[i]) for i in starts]})
+    return pd.DataFrame(rows)
+
+
 def training_curves(run_dir: str | Path) -> pd.DataFrame:
     """metrics.csv of a run with ``run`` and ``first_fit_epoch`` (first epoch of 100% training accuracy) columns."""
     m = runs.run_metrics(run_dir)
     if m.empty:
         return m
     return m.assign(run=Path(run_dir).name, first_fit_epoch=first_fit_epoch(m))
+
+
+#: how the decision-region triplets are drawn (part of the DRS store keys): from the run's own training set
+TRIPLET_SOURCE = "run-training-set/trained-labels"
+TRIPLET_TABLE = "dynamics-triplets"
+
+
+def training_images(run: str | Path) -> ImageData:
+    """The images a run trained on, with the labels it trained on, rebuilt from its run.json.
+
+    The training loop (:func:`layerlab.train.train`) trains on ``load_data(data, "train", n=train_n, seed=seed)`` with
+    the recipe's symmetric label noise applied by :func:`layerlab.train.loop.noisy_labels`; this calls the same two
+    functions with the values run.json records. In the result, ``labels`` are the labels the network was trained
+    with (the noisy ones included), ``meta["clean_labels"]`` the data set's own labels, ``meta["noisy"]`` a bool mask
+    of the moved ones, and ``indices`` the data-set indices of the images (as for every :class:`ImageData`).
+
+    Runs trained before the training lab's random streams (no ``rng`` in run.json, or another version) drew their
+    subset and noise differently; they cannot be rebuilt when they used either, and this raises.
+    """
+    from .train.loop import RNG_STREAMS, noisy_labels
+
+    config = runs.run_config(run)
+    data = config.get("data")
+    if not data:
+        raise LayerlabError(f"{str(run)!r}: run.json records no 'data', so its training images cannot be rebuilt")
+    recipe = config.get("recipe") or {}
+    noise = float(recipe.get("label_noise") or 0.0)
+    train_n, seed = config.get("train_n"), int(config.get("seed") or 0)
+    rng = config.get("rng")
+    if rng != RNG_STREAMS and (rng is not None or noise > 0 or train_n is not None):
+        raise LayerlabError(
+            f"{str(run)!r} was trained with random streams {rng or 'seed + k (before layerlab.seeds)'}, not "
+            f"{RNG_STREAMS!r}: its training subset (train_n={train_n}) and noisy labels (label_noise={noise}) cannot be "
+            "rebuilt by this version; retrain it (`layerlab train`, or delete the zoo folder and re-run the demo)"
+        )
+    train = load_data(data, "train", n=train_n, seed=seed)
+    trained = noisy_labels(train.labels, noise, train.num_classes, seed)
+    meta = dict(train.meta, clean_labels=train.labels.clone(), noisy=trained != train.labels, label_noise=noise,
+                run=str(run))
+    return ImageData(train.images, trained, train.indices, train.classes, train.spec, train.split, meta)
+
+
+def triplet_table(train: ImageData, rows: torch.Tensor) -> pd.DataFrame:
+    """One row per plane anchor: triplet, point (x1/x2/x3), row (in ``train``), index (data-set index), label (the
+    label trained with), clean_label, noisy."""
+    rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1, 3)
+    flat = rows.reshape(-1)
+    clean = train.meta.get("clean_labels", train.labels)
+    noisy = train.meta.get("noisy", torch.zeros(len(train), dtype=torch.bool))
+    return pd.DataFrame({
+        "triplet": np.repeat(np.arange(rows.shape[0]), 3), "point": np.tile(["x1", "x2", "x3"], rows.shape[0]),
+        "row": flat.numpy(), "index": train.indices[flat].numpy(), "label": train.labels[flat].numpy(),
+        "clean_label": clean[flat].numpy(), "noisy": noisy[flat].numpy().astype(bool),
+    })
+
+
+def _warn_probe_rows(frame: pd.DataFrame, what: str) -> None:
+    """One warning line when any probe row of ``frame`` did not converge (ProbeConvergenceWarning)."""
+    if frame is None or frame.empty or "probe_converged" not in frame:
+        return
+    bad = frame[~frame["probe_converged"].astype(bool)]
+    if bad.empty:
+        return
+    import warnings
+
+    from .probes import ProbeConvergenceWarning
+
+    capped = int((bad["probe_iterations"] >= bad["probe_max_iter"]).sum())
+    where = ", ".join(f"{l}@{int(e)}" for l, e in list(zip(bad["layer"], bad["epoch"]))[:4])
+    where += ", ..." if len(bad) > 4 else ""
+    warnings.warn(
+        f"{what}: {len(bad)} of {len(frame)} linear probes did not converge ({capped} stopped at the L-BFGS cap "
+        f"probe_iter={'/'.join(str(int(v)) for v in sorted(set(bad['probe_max_iter'])))}: {where}); their accuracies "
+        "are biased low; raise probe_iter (rows: probe_converged == False)",
+        ProbeConvergenceWarning, stacklevel=3,
+    )
 
 
 def _label(name: str) -> str:
@@ -262,7 +393,7 @@ def _checkpoint_pass(model: nn.Module, cfg: DynamicsConfig, inputs: _Inputs, cka
         for layer in probe_layers:
             xtr, xte = torch.cat(tr[layer]), torch.cat(te[layer])
             p = fit_probe(xtr, inputs.probe_train.labels, num_classes=inputs.num_classes, method=cfg.probe_method,
-                          l2=cfg.probe_l2, max_iter=cfg.probe_iter)
+                          l2=cfg.probe_l2, max_iter=cfg.probe_iter, tol=cfg.probe_tol, warn=False)
             w, b = p.fold(torch.float32)
             acc = lambda x, y: float(((x @ w + b).argmax(1) == y).double().mean())  # noqa: E731
             result["probes"][layer] = (p, acc(xtr, inputs.probe_train.labels), acc(xte, inputs.probe_test.labels), xtr.shape[1])
@@ -356,18 +487,23 @@ def dynamics(
     progress: bool = False,
     **options: Any,
 ) -> dict[str, pd.DataFrame]:
-    """Representation dynamics of one training run: ``{"cka", "probes", "drs", "training"}`` tidy tables.
+    """Representation dynamics of one training run: ``{"cka", "probes", "drs", "triplets", "training"}`` tidy tables.
 
-    ``data``: data spec of the probe images (default: the run's own, from run.json). ``options``: the fields of
-    :class:`DynamicsConfig` (``layers``, ``epochs``, ``max_checkpoints``, ``images``, ``batch_size``, ``triplets``,
-    ``resolution``, ``probe_pool`` ...). With ``store`` every (table, layer) is one shard and existing shards are read,
-    not recomputed.
+    ``data``: data spec of the CKA probe set and of the linear probes' images (default: the run's own, from
+    run.json); the decision-region planes always go through the run's own training images (:func:`training_images`).
+    ``options``: the fields of :class:`DynamicsConfig` (``layers``, ``epochs``, ``max_checkpoints``, ``images``,
+    ``batch_size``, ``triplets``, ``resolution``, ``probe_pool``, ``probe_iter`` ...). With ``store`` every
+    (table, layer) is one shard and existing shards are read, not recomputed. A probe that stops at the L-BFGS cap
+    before converging is recorded (``probe_converged`` False) and reported in one ``ProbeConvergenceWarning``.
 
     Tables (one row per observation):
 
     * cka: run, layer, label, epoch_a, epoch_b, cka, estimator, kernel, n, n_batches, batch_size
-    * probes: run, layer, label, epoch, train_acc, test_acc, dim, method, l2, n_train, n_test
+    * probes: run, layer, label, epoch, train_acc, test_acc, dim, method, l2, n_train, n_test, probe_iterations,
+      probe_converged, probe_max_iter
     * drs: run, layer, label, kind ("probe" or "network"), epoch_a, epoch_b, drs, drs_std, triplets, resolution, margin
+    * triplets (with drs): run, triplet, point, row, index (data-set index), label (trained with), clean_label, noisy:
+      the three training images of every plane, drawn by the label the network was trained with
     * training: the run's metrics.csv plus run and first_fit_epoch (first epoch of 100% training accuracy)
     """
     run = Path(run_dir)
@@ -393,10 +529,11 @@ def dynamics(
         shared = {"layer": view, "epochs": epochs, "data": data}
         if table == "cka":
             return shared | {k: c[k] for k in ("images", "batch_size", "split", "estimator", "kernel", "seed")}
-        probe = {k: c[k] for k in ("probe_method", "probe_l2", "probe_iter", "probe_pool", "probe_train", "seed")}
+        probe = {k: c[k] for k in ("probe_method", "probe_l2", "probe_iter", "probe_tol", "probe_pool", "probe_train",
+                                   "seed")}
         if table == "probes":
             return shared | probe
-        return shared | probe | {k: c[k] for k in ("triplets", "resolution", "margin")}
+        return shared | probe | {k: c[k] for k in ("triplets", "resolution", "margin")} | {"triplet_source": TRIPLET_SOURCE}
 
     wanted = {
         "cka": views if "cka" in cfg.tables else [],
@@ -406,9 +543,29 @@ def dynamics(
     keys = {(t, v): job_key(identity, TABLES[t], key_config(t, v)) for t, vs in wanted.items() for v in vs}
     missing = {tv for tv, k in keys.items() if store is None or not store.has(TABLES[tv[0]], k)}
 
+    # the planes: triplets of the run's own training images (stored, so a cached call needs no data)
+    triplet_key = job_key(identity, TRIPLET_TABLE, {"triplets": cfg.triplets, "seed": cfg.seed, "source": TRIPLET_SOURCE})
+    triplet_frame, triplet_images = None, None
+    if wanted["drs"]:
+        drs_missing = any(t == "drs" for t, _ in missing)
+        if drs_missing or store is None or not store.has(TRIPLET_TABLE, triplet_key):
+            train = training_images(run)
+            check_label_coverage(num_outputs(first, train.float()[:1]), train, f"run {run_name!r}")
+            rows = sample_triplets(train.labels, cfg.triplets, seed=cfg.seed)
+            triplet_images = train.float()[rows]
+            triplet_frame = triplet_table(train, rows).assign(run=run_name)
+            triplet_frame = triplet_frame[["run"] + [c for c in triplet_frame.columns if c != "run"]]
+            if store is not None:
+                store.write(TRIPLET_TABLE, triplet_key, triplet_frame,
+                            {"model": identity, "config": {"triplets": cfg.triplets, "seed": cfg.seed,
+                                                           "source": TRIPLET_SOURCE}})
+        else:
+            triplet_frame = store.read_shard(TRIPLET_TABLE, triplet_key)
+
     computed: dict[tuple[str, str], pd.DataFrame] = {}
+    fitted = pd.DataFrame()
     if missing:
-        computed = _compute(run, ckpts, epochs, cfg, data, missing, device, progress, first)
+        computed, fitted = _compute(run, ckpts, epochs, cfg, data, missing, device, progress, first, triplet_images)
     frames: dict[str, list[pd.DataFrame]] = {t: [] for t in TABLES}
     for (table, view), key in keys.items():
         if (table, view) in computed:
@@ -420,13 +577,16 @@ def dynamics(
             frame = store.read_shard(TABLES[table], key)
         frames[table].append(frame)
     out = {t: (pd.concat(fs, ignore_index=True) if fs else pd.DataFrame()) for t, fs in frames.items()}
+    # one warning for every unconverged probe of the table, or of the probes fitted only for the DRS
+    _warn_probe_rows(out["probes"] if not out["probes"].empty else fitted, f"dynamics {run_name}")
+    out["triplets"] = triplet_frame if triplet_frame is not None else pd.DataFrame()
     out["training"] = training_curves(run)
     return out
 
 
 def _compute(run: Path, ckpts: dict[int, Path], epochs: list[int], cfg: DynamicsConfig, data: str,
-             missing: set[tuple[str, str]], device: str | torch.device, progress: bool,
-             first: nn.Module) -> dict[tuple[str, str], pd.DataFrame]:
+             missing: set[tuple[str, str]], device: str | torch.device, progress: bool, first: nn.Module,
+             triplets: torch.Tensor | None) -> tuple[dict[tuple[str, str], pd.DataFrame], pd.DataFrame]:
     cka_views = [v for (t, v) in sorted(missing) if t == "cka"]
     drs_views = [v for (t, v) in sorted(missing) if t == "drs"]
     probe_layers = sorted({v for (t, v) in missing if t in ("probes", "drs") and v != OUTPUT_KEY})
@@ -437,16 +597,21 @@ def _compute(run: Path, ckpts: dict[int, Path], epochs: list[int], cfg: Dynamics
     drs_views.sort(key=order.get)
     probe_layers.sort(key=order.get)
 
-    cka_set, cka_batch = _trim(load_data(data, cfg.split, n=cfg.images, seed=cfg.seed), cfg.batch_size)
+    cka_images, cka_batch = torch.zeros(0), 1
+    if cka_views:
+        cka_set, cka_batch = _trim(load_data(data, cfg.split, n=cfg.images, seed=cfg.seed), cfg.batch_size)
+        cka_images = cka_set.float()
     need_probe = bool(probe_layers)
     probe_train = load_data(data, "train", n=cfg.probe_train, seed=cfg.seed) if need_probe else None
     probe_test = load_data(data, "test") if need_probe else None
-    triplets = None
-    if drs_views:
-        pool = load_data(data, "train")
-        rows = sample_triplets(pool.labels, cfg.triplets, seed=cfg.seed)
-        triplets = pool.float()[rows]
-    inputs = _Inputs(cka_set.float(), cka_batch, probe_train, probe_test, triplets, cka_set.num_classes)
+    # the model must be able to predict every class of the data it is analysed on
+    analysed = ([cka_set] if cka_views else []) + ([probe_train, probe_test] if need_probe else [])
+    if analysed:
+        n_out = num_outputs(first, analysed[0].float()[:1])
+        for d in analysed:
+            check_label_coverage(n_out, d, f"run {run.name!r}")
+    num_classes = probe_train.num_classes if need_probe else 0
+    inputs = _Inputs(cka_images, cka_batch, probe_train, probe_test, triplets, num_classes)
 
     k = len(epochs)
     points = cfg.triplets * cfg.resolution**2
@@ -462,7 +627,8 @@ def _compute(run: Path, ckpts: dict[int, Path], epochs: list[int], cfg: Dynamics
         for layer, (p, tr_acc, te_acc, dim) in res["probes"].items():
             probe_rows.append({"layer": layer, "epoch": epoch, "train_acc": tr_acc, "test_acc": te_acc, "dim": dim,
                                "method": cfg.probe_method, "l2": cfg.probe_l2, "n_train": len(probe_train),
-                               "n_test": len(probe_test)})
+                               "n_test": len(probe_test), "probe_iterations": p.iterations,
+                               "probe_converged": p.converged, "probe_max_iter": p.max_iter})
         for j, v in enumerate(drs_views):
             preds[i, j] = res["preds"][v]
         del model, res
@@ -482,7 +648,7 @@ def _compute(run: Path, ckpts: dict[int, Path], epochs: list[int], cfg: Dynamics
         name = preds.filename
         del preds
         Path(name).unlink(missing_ok=True)
-    return out
+    return out, probes
 
 
 def compare(
@@ -492,7 +658,7 @@ def compare(
     *,
     layers_a: Sequence[str] | None = None,
     layers_b: Sequence[str] | None = None,
-    images: int = 512,
+    images: int = 256,
     batch_size: int = 64,
     split: str = "test",
     estimator: str = "unbiased",
@@ -539,7 +705,8 @@ def decision_regions(
     temperature: float = 5.0,
     probe_method: str = "softmax",
     probe_l2: float = 1e-3,
-    probe_iter: int = 100,
+    probe_iter: int = DEFAULT_MAX_ITER,
+    probe_tol: float = DEFAULT_TOL,
     probe_pool: int = 2,
     probe_train: int | None = 1000,
     seed: int = 0,
@@ -547,9 +714,14 @@ def decision_regions(
 ) -> dict[str, pd.DataFrame]:
     """Decision regions on one plane for chosen checkpoints: the network and each layer's probe.
 
-    ``triplet``: an index into the seeded triplet sample (as in the DRS), or three training-split row indices.
-    Returns ``{"regions": run, epoch, layer, label, i, j, c1, c2, pred, confidence; "anchors": point, row, class,
-    c1, c2}`` with confidence = max softmax(logits / temperature) (Somepalli et al. 2022 use temperature 5).
+    The plane goes through three of the run's own training images (:func:`training_images`). ``triplet``: an index
+    into the seeded triplet sample (as in the DRS: triplet k here is plane k there), or three rows of the run's
+    training set with three distinct training labels. ``data``: the images the probes are fitted and scored on
+    (default: the run's own). Returns ``{"regions": run, epoch, layer, label, i, j, c1, c2, pred, confidence;
+    "anchors": point, row, index, class, clean_class, noisy, c1, c2; "probes": run, epoch, layer, train_acc,
+    test_acc, probe_iterations, probe_converged, probe_max_iter}`` with confidence = max softmax(logits /
+    temperature) (Somepalli et al. 2022 use temperature 5); ``class`` is the label the network was trained with,
+    ``clean_class`` the data set's, ``index`` the data-set index.
     """
     run = Path(run_dir)
     config_json = runs.run_config(run)
@@ -558,30 +730,39 @@ def decision_regions(
         raise LayerlabError(f"run {str(run)!r} has no checkpoints; train it with `layerlab train`")
     chosen = select_epochs(list(ckpts), epochs)
     data = data or config_json.get("data") or "digits"
-    pool = load_data(data, "train")
+    pool = training_images(run)
     if isinstance(triplet, int):
         rows = sample_triplets(pool.labels, triplet + 1, seed=seed)[triplet]
     else:
         rows = torch.as_tensor(list(triplet), dtype=torch.long)
-        if rows.numel() != 3 or len(set(pool.labels[rows].tolist())) != 3:
-            raise LayerlabError(f"triplet: expected three training-split rows of three distinct classes, got {list(triplet)}")
+        if rows.numel() != 3 or not bool(((rows >= 0) & (rows < len(pool))).all()) or len(set(pool.labels[rows].tolist())) != 3:
+            raise LayerlabError(f"triplet: expected three rows (0..{len(pool) - 1}) of the run's training set with three "
+                                f"distinct training labels, got {list(triplet)}")
     imgs = pool.float()[rows]
     basis = plane_basis(*imgs)
     c1, c2 = plane_coords(basis.anchors, resolution, margin)
     coords = grid_coords(c1, c2)
     points = plane_points(basis, coords, tuple(imgs.shape[1:]))
-    cfg = DynamicsConfig(probe_method=probe_method, probe_l2=probe_l2, probe_iter=probe_iter, probe_pool=probe_pool,
-                         probe_train=probe_train, seed=seed)
+    cfg = DynamicsConfig(probe_method=probe_method, probe_l2=probe_l2, probe_iter=probe_iter, probe_tol=probe_tol,
+                         probe_pool=probe_pool, probe_train=probe_train, seed=seed)
     probe_train_set = load_data(data, "train", n=probe_train, seed=seed)
     probe_test = load_data(data, "test")
     ii, jj = np.meshgrid(np.arange(resolution), np.arange(resolution))  # point index = j * R + i
-    frames = []
+    frames, probe_rows = [], []
     for epoch in chosen:
         model = _load(ckpts[epoch], device)
+        if epoch == chosen[0]:  # the model must be able to predict every class of the images it is shown
+            n_out = num_outputs(model, imgs[:1])
+            for d in (pool, probe_train_set, probe_test):
+                check_label_coverage(n_out, d, f"run {run.name!r}")
         views = _resolve_views(model, layers)
         inner = [v for v in views if v != OUTPUT_KEY]
-        inputs = _Inputs(torch.zeros(0), 1, probe_train_set, probe_test, None, pool.num_classes)
+        inputs = _Inputs(torch.zeros(0), 1, probe_train_set, probe_test, None, probe_train_set.num_classes)
         res = _checkpoint_pass(model, cfg, inputs, [], inner, [], device)
+        for layer, (p, tr_acc, te_acc, _) in res["probes"].items():
+            probe_rows.append({"run": run.name, "epoch": epoch, "layer": layer, "train_acc": tr_acc, "test_acc": te_acc,
+                               "probe_iterations": p.iterations, "probe_converged": p.converged,
+                               "probe_max_iter": p.max_iter})
         fn = _view_logits(model, inner, res["probes"], probe_pool, device)
         logits: dict[str, list[torch.Tensor]] = {v: [] for v in views}
         for start in range(0, points.shape[0], 512):
@@ -596,15 +777,35 @@ def decision_regions(
                 "c1": coords[:, 0].numpy(), "c2": coords[:, 1].numpy(), "pred": lg.argmax(1).numpy(),
                 "confidence": conf.numpy(),
             }))
-    anchors = pd.DataFrame({"point": ["x1", "x2", "x3"], "row": rows.numpy(), "class": pool.labels[rows].numpy(),
-                            "c1": basis.anchors[:, 0].numpy(), "c2": basis.anchors[:, 1].numpy()})
-    return {"regions": pd.concat(frames, ignore_index=True), "anchors": anchors}
+    probes = pd.DataFrame(probe_rows)
+    _warn_probe_rows(probes, f"decision_regions {run.name}")
+    anchors = triplet_table(pool, rows[None]).drop(columns="triplet").rename(
+        columns={"label": "class", "clean_label": "clean_class"})
+    anchors["c1"], anchors["c2"] = basis.anchors[:, 0].numpy(), basis.anchors[:, 1].numpy()
+    return {"regions": pd.concat(frames, ignore_index=True), "anchors": anchors, "probes": probes}
 
 
 # ==================================================================================================== demo
 #: analysis settings of the demo step: small enough for a 2-core CPU, the same code path as the full study
 DEMO_OPTIONS: dict[str, Any] = {"images": 256, "batch_size": 64, "triplets": 16, "resolution": 20,
-                                "probe_train": 500, "probe_iter": 50}
+                                "probe_train": 500}  # probes: the library's L-BFGS defaults (run to convergence)
+
+
+def fit_summary(training: pd.DataFrame, checkpoint_epochs: dict[str, list[int]]) -> pd.DataFrame:
+    """Per run: first epoch of 100% training accuracy, the learning rate then (and its fraction of the peak), the
+    checkpoints after it and the last epoch (is the phase after the fit long enough to show?)."""
+    rows = []
+    for run, m in training.groupby("run", sort=False):
+        fit = first_fit_epoch(m)
+        at = m.loc[m["epoch"] == fit] if fit is not None else m.iloc[0:0]
+        lr = float(at["lr"].iloc[0]) if len(at) and "lr" in m else float("nan")
+        peak = float(m["lr"].max()) if "lr" in m else float("nan")
+        after = [e for e in checkpoint_epochs.get(run, []) if fit is not None and e > fit]
+        low = float(m.loc[m["epoch"] >= fit, "train_acc"].min()) if fit is not None else float("nan")
+        rows.append({"run": run, "first_fit_epoch": fit, "epochs": int(m["epoch"].max()), "lr_at_fit": lr,
+                     "lr_fraction_of_peak": lr / peak if peak else float("nan"), "checkpoints_after_fit": len(after),
+                     "train_acc_after_fit_min": low})
+    return pd.DataFrame(rows)
 
 
 def demo_layers(model: nn.Module, count: int = 4) -> list[str]:
@@ -648,8 +849,7 @@ def _register_demo_step() -> None:
         shown = sorted({ckpt_epochs[0], ckpt_epochs[2], ckpt_epochs[len(ckpt_epochs) // 2], middle, ckpt_epochs[-1]})
         layers = demo_layers(_load(runs.checkpoints(zoo_dir / first)[0][1], "cpu"))
         r = decision_regions(zoo_dir / first, epochs=shown, layers=layers, resolution=50,
-                             probe_train=DEMO_OPTIONS["probe_train"], probe_iter=DEMO_OPTIONS["probe_iter"],
-                             device=ctx.device)
+                             probe_train=DEMO_OPTIONS["probe_train"], device=ctx.device)
         paths += save_figure(plot_regions(r["regions"], r["anchors"]), fig_dir, f"dynamics_regions_{first}")
         cka = tables["cka"]
         off = cka[(cka["epoch_a"] == cka.groupby("run")["epoch_a"].transform("min")) &
@@ -657,8 +857,17 @@ def _register_demo_step() -> None:
         summary = off.pivot_table(index="run", columns="label", values="cka", sort=False)
         print("CKA(first checkpoint, last checkpoint) per layer (unbiased minibatch, linear):")
         print(summary.to_string(float_format=lambda v: f"{v:.2f}"))
-        fits = tables["training"].drop_duplicates("run").set_index("run")["first_fit_epoch"]
-        print("first epoch of 100% training accuracy:", ", ".join(f"{k} {v}" for k, v in fits.items()))
+        fits = fit_summary(tables["training"], {e.name: [c for c, _ in runs.checkpoints(zoo_dir / e.name)]
+                                                 for e in zoo.entries})
+        print("the fit (first epoch of 100% training accuracy on the labels trained with) and what follows it:")
+        print(fits.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+        phases = phase_table(cka[cka["layer"] != OUTPUT_KEY])
+        print("phase contrast of the layers' CKA matrices (2 blocks; within - across, mean [min, max] over layers):")
+        print(", ".join(f"{r} {g.mean():.2f} [{g.min():.2f}, {g.max():.2f}]"
+                        for r, g in phases.groupby("run", sort=False)["contrast"]))
+        anchors = pd.concat([p["triplets"] for p in parts], ignore_index=True)
+        print(f"decision-region planes: {len(anchors)} anchors, all from the runs' own training sets "
+              f"({int(anchors['noisy'].sum())} with a noisy training label)")
         print(f"figures: {fig_dir} ({len(paths)} files)")
 
 

@@ -11,7 +11,11 @@ mean and standard deviation (features of zero variance keep scale 1), in float64
       mean_i CE(W^T z_i + b, y_i) + l2 / 2 * ||W||_F^2        (the bias is not penalised)
 
   with L-BFGS (strong-Wolfe line search) from zero. This is scikit-learn's ``LogisticRegression(C=1 / (l2 * n))``
-  on the standardised features, the same objective and hence the same unique optimum.
+  on the standardised features, the same objective and hence the same unique optimum. It runs until the largest
+  gradient entry is at most ``tol`` (default 1e-6: converged) or ``max_iter`` iterations (default 1000: the cap).
+  Every fit records its iteration count and whether it converged (:attr:`ProbeParams.iterations`,
+  :attr:`ProbeParams.converged`); a fit that stops unconverged warns (:class:`ProbeConvergenceWarning`), because an
+  unconverged probe under-reports accuracy (measured on the demo: 0.5275 at a cap of 50 vs 0.5440 converged).
 * ``"ridge"``: closed-form least squares to one-hot targets, ``W = (Z^T Z + l2 n I)^-1 Z^T (Y - mean(Y))``
   (the dual ``Z^T (Z Z^T + l2 n I)^-1 (Y - mean(Y))`` when there are more features than samples), ``b = mean(Y)``.
   One solve; no iterations.
@@ -21,9 +25,12 @@ over an immutable :class:`ProbeParams`, and :class:`LinearProbe` as a thin fit/p
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
+
+import warnings
 
 import numpy as np
 import torch
@@ -32,9 +39,29 @@ import torch.nn.functional as F
 from .errors import LayerlabError, ShapeError, check_finite
 from .registry import Registry
 
-__all__ = ["LinearProbe", "PROBE_METHODS", "ProbeParams", "fit_probe", "probe_logits", "standardiser"]
+__all__ = ["DEFAULT_MAX_ITER", "DEFAULT_TOL", "LinearProbe", "PROBE_METHODS", "ProbeConvergenceWarning", "ProbeFit",
+           "ProbeParams", "fit_probe", "probe_logits", "standardiser", "warn_unconverged"]
 
-Fitter = Callable[[torch.Tensor, torch.Tensor, int, float, int], tuple[torch.Tensor, torch.Tensor]]
+#: L-BFGS defaults of the softmax probe: stop when max |gradient| <= DEFAULT_TOL, at most DEFAULT_MAX_ITER iterations
+DEFAULT_TOL = 1e-6
+DEFAULT_MAX_ITER = 1000
+
+
+class ProbeConvergenceWarning(UserWarning):
+    """A softmax probe stopped before its gradient reached the tolerance (usually at the iteration cap)."""
+
+
+class ProbeFit(NamedTuple):
+    """What a fitting method returns: weight [d, C], bias [C] (float64), iterations run, and convergence."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    iterations: int
+    converged: bool
+    grad_max: float  # largest |gradient| entry of the objective at the returned point (0 for closed forms)
+
+
+Fitter = Callable[[torch.Tensor, torch.Tensor, int, float, int, float], ProbeFit]
 PROBE_METHODS: Registry[Fitter] = Registry("probe method")
 
 
@@ -43,7 +70,8 @@ class ProbeParams:
     """A fitted probe. ``logits(x) = ((x - mean) / scale) @ weight + bias``; all float64 [D], [D], [D, C], [C].
 
     ``fold()`` gives the same map as one affine layer (weight / scale, bias - (mean / scale) @ weight) for fast
-    prediction in the features' own dtype.
+    prediction in the features' own dtype. ``iterations``: L-BFGS iterations run (0 for the closed-form ridge);
+    ``converged``: the final max |gradient| (``grad_max``) is at most the tolerance ``tol``; ``max_iter``: the cap.
     """
 
     mean: torch.Tensor
@@ -52,6 +80,16 @@ class ProbeParams:
     bias: torch.Tensor
     method: str
     l2: float
+    iterations: int = 0
+    converged: bool = True
+    max_iter: int = DEFAULT_MAX_ITER
+    tol: float = DEFAULT_TOL
+    grad_max: float = 0.0
+
+    @property
+    def hit_cap(self) -> bool:
+        """True when the fit ran out of iterations (``iterations == max_iter``) without converging."""
+        return not self.converged and self.iterations >= self.max_iter
 
     @property
     def dim(self) -> int:
@@ -106,8 +144,8 @@ def standardiser(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @PROBE_METHODS.register("ridge")
-def _fit_ridge(z: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Closed-form ridge to one-hot targets on centred, standardised z [n, d] (float64)."""
+def _fit_ridge(z: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, max_iter: int, tol: float) -> ProbeFit:
+    """Closed-form ridge to one-hot targets on centred, standardised z [n, d] (float64); no iterations."""
     n, d = z.shape
     targets = F.one_hot(y, num_classes).double()
     bias = targets.mean(dim=0)
@@ -121,17 +159,22 @@ def _fit_ridge(z: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, ma
         gram = z @ z.T
         gram.diagonal().add_(lam)
         weight = z.T @ torch.linalg.solve(gram, t)
-    return weight, bias
+    return ProbeFit(weight, bias, 0, True, 0.0)
 
 
 @PROBE_METHODS.register("softmax")
-def _fit_softmax(z: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multinomial logistic regression by L-BFGS in float64: mean CE + l2/2 ||W||^2 (bias unpenalised)."""
+def _fit_softmax(z: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, max_iter: int, tol: float) -> ProbeFit:
+    """Multinomial logistic regression by L-BFGS in float64: mean CE + l2/2 ||W||^2 (bias unpenalised).
+
+    Stops when max |gradient| <= ``tol`` or after ``max_iter`` iterations; converged means the gradient test holds
+    at the returned point (checked after the run, whatever made L-BFGS stop).
+    """
     d = z.shape[1]
     weight = torch.zeros(d, num_classes, dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-9,
-                            tolerance_change=1e-12, line_search_fn="strong_wolfe")
+    # max_eval well above max_iter, so the iteration count (recorded and capped) is what binds, not line-search calls
+    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, max_eval=4 * max_iter, history_size=20,
+                            tolerance_grad=tol, tolerance_change=1e-15, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
@@ -141,7 +184,10 @@ def _fit_softmax(z: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, 
 
     with torch.enable_grad():
         opt.step(closure)
-    return weight.detach(), bias.detach()
+        closure()  # the gradient at the returned point
+    grad_max = float(torch.maximum(weight.grad.abs().max(), bias.grad.abs().max()))
+    iterations = int(opt.state[weight].get("n_iter", 0))
+    return ProbeFit(weight.detach(), bias.detach(), iterations, grad_max <= tol, grad_max)
 
 
 @contextmanager
@@ -163,24 +209,32 @@ def fit_probe(
     num_classes: int | None = None,
     method: str = "softmax",
     l2: float = 1e-3,
-    max_iter: int = 100,
+    max_iter: int = DEFAULT_MAX_ITER,
+    tol: float = DEFAULT_TOL,
+    warn: bool = True,
 ) -> ProbeParams:
     """Fit a linear probe on features x [n, d] with integer labels y [n]; returns the frozen :class:`ProbeParams`.
 
     ``method``: a name in ``PROBE_METHODS`` ("softmax" or "ridge"); ``l2``: the penalty per sample (see the
-    module docstring); ``max_iter``: L-BFGS iterations for "softmax" (ignored by "ridge").
+    module docstring); ``max_iter``: the cap on L-BFGS iterations and ``tol``: the convergence test (max |gradient|
+    of the objective) for "softmax" (both ignored by "ridge"). The result records ``iterations`` and ``converged``;
+    with ``warn`` an unconverged fit raises a one-line :class:`ProbeConvergenceWarning` (callers fitting many probes
+    pass ``warn=False`` and report them together with :func:`warn_unconverged`).
 
     >>> x = torch.randn(200, 5); y = (x[:, 0] > 0).long()
-    >>> fit_probe(x, y).weight.shape
-    torch.Size([5, 2])
+    >>> p = fit_probe(x, y)
+    >>> p.weight.shape, p.converged
+    (torch.Size([5, 2]), True)
     """
     fitter = PROBE_METHODS.get(method)
     x = _as_features(x, "x")
     y = _as_labels(y, x.shape[0])
     if l2 < 0:
         raise LayerlabError(f"l2: expected a penalty >= 0, got {l2}")
-    if not isinstance(max_iter, int) or max_iter < 1:
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise LayerlabError(f"max_iter: expected a positive number of L-BFGS iterations, got {max_iter!r}")
+    if not tol > 0:
+        raise LayerlabError(f"tol: expected a gradient tolerance > 0, got {tol!r}")
     k = int(y.max()) + 1 if num_classes is None else int(num_classes)
     if int(y.max()) >= k:
         raise ShapeError(f"labels: found class {int(y.max())} but num_classes={k}; pass num_classes > max label")
@@ -190,8 +244,28 @@ def fit_probe(
     xd = x.detach().to("cpu", torch.float64)
     with _one_thread():
         mean, scale = standardiser(xd)
-        weight, bias = fitter((xd - mean) / scale, y.cpu(), k, float(l2), max_iter)
-    return ProbeParams(mean, scale, weight, bias, method, float(l2))
+        fit = fitter((xd - mean) / scale, y.cpu(), k, float(l2), max_iter, float(tol))
+    params = ProbeParams(mean, scale, fit.weight, fit.bias, method, float(l2), fit.iterations, bool(fit.converged),
+                         max_iter, float(tol), fit.grad_max)
+    if warn:
+        warn_unconverged([params], stacklevel=3)
+    return params
+
+
+def warn_unconverged(fits: Sequence[ProbeParams], what: str = "linear probe", stacklevel: int = 2) -> int:
+    """One :class:`ProbeConvergenceWarning` line for every unconverged fit among ``fits``; returns their number."""
+    bad = [p for p in fits if not p.converged]
+    if bad:
+        capped = sum(p.hit_cap for p in bad)
+        worst = max(bad, key=lambda p: p.grad_max)
+        caps = sorted({p.max_iter for p in bad})
+        warnings.warn(
+            f"{what}: {len(bad)} of {len(fits)} L-BFGS fit(s) did not converge ({capped} stopped at the iteration cap "
+            f"max_iter={'/'.join(map(str, caps))}; worst max |gradient| {worst.grad_max:.1e} > tol {worst.tol:g}); "
+            "their accuracies are biased low: raise the iteration cap (probe_iter / max_iter)",
+            ProbeConvergenceWarning, stacklevel=stacklevel,
+        )
+    return len(bad)
 
 
 def probe_logits(params: ProbeParams, x: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -211,13 +285,15 @@ class LinearProbe:
     True
     """
 
-    def __init__(self, method: str = "softmax", l2: float = 1e-3, max_iter: int = 100) -> None:
+    def __init__(self, method: str = "softmax", l2: float = 1e-3, max_iter: int = DEFAULT_MAX_ITER,
+                 tol: float = DEFAULT_TOL) -> None:
         PROBE_METHODS.get(method)  # fail early on a typo
-        self.method, self.l2, self.max_iter = method, l2, max_iter
+        self.method, self.l2, self.max_iter, self.tol = method, l2, max_iter, tol
         self.params: ProbeParams | None = None
 
     def fit(self, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray, num_classes: int | None = None) -> "LinearProbe":
-        self.params = fit_probe(x, y, num_classes=num_classes, method=self.method, l2=self.l2, max_iter=self.max_iter)
+        self.params = fit_probe(x, y, num_classes=num_classes, method=self.method, l2=self.l2, max_iter=self.max_iter,
+                                tol=self.tol)
         return self
 
     def _fitted(self) -> ProbeParams:

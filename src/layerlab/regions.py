@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 
 from .errors import DataError, LayerlabError, ShapeError
+from .seeds import generator
 
 __all__ = [
     "PlaneBasis",
@@ -139,14 +140,19 @@ def plane(x1: torch.Tensor, x2: torch.Tensor, x3: torch.Tensor, resolution: int 
 
 # ------------------------------------------------------------------------------------------------ triplets
 def sample_triplets(labels: torch.Tensor, count: int, seed: int = 0) -> torch.Tensor:
-    """``count`` rows [i1, i2, i3] of images with three distinct classes (classes, then images, uniformly; seeded)."""
+    """``count`` rows [i1, i2, i3] of images with three distinct classes (classes, then images, uniformly).
+
+    Seeded by the stream ``dynamics/triplets`` of ``seed`` (:mod:`layerlab.seeds`): per triplet, three distinct
+    classes by a random permutation of the classes present, then one image of each class uniformly. The rows index
+    ``labels``; :func:`layerlab.dynamics.training_images` gives a run's own training set to draw from.
+    """
     labels = torch.as_tensor(labels).long().reshape(-1)
     if not isinstance(count, int) or count < 1:
         raise LayerlabError(f"count: expected a positive number of triplets, got {count!r}")
     classes = torch.unique(labels)
     if classes.numel() < 3:
         raise DataError(f"decision regions need images of at least 3 classes, got classes {classes.tolist()}")
-    g = torch.Generator().manual_seed(seed)
+    g = generator("dynamics/triplets", seed)
     members = [torch.nonzero(labels == c).flatten() for c in classes]
     out = torch.empty(count, 3, dtype=torch.long)
     for t in range(count):

@@ -23,12 +23,13 @@ def register(app: typer.Typer) -> None:
         layers: list[str] = typer.Option([], "--layers", "-l", help="Module names (repeatable or comma-separated); default: stem and residual blocks; 'output' (the logits) is always added."),
         epochs: list[str] = typer.Option([], "--epochs", help="Only these checkpoints (comma-separated epochs)."),
         max_checkpoints: Optional[int] = typer.Option(None, "--max-checkpoints", help="Keep at most this many checkpoints, log-spaced."),
-        images: int = typer.Option(512, "--images", "-n", help="CKA probe images (test split), trimmed to whole batches."),
+        images: int = typer.Option(256, "--images", "-n", help="CKA probe images (test split, at most its size), trimmed to whole batches."),
         batch_size: int = typer.Option(64, "--batch-size", help="Minibatch size of the unbiased CKA estimator."),
-        triplets: int = typer.Option(500, "--triplets", help="Planes (triplets of training images) for decision-region similarity."),
+        triplets: int = typer.Option(500, "--triplets", help="Planes for decision-region similarity, each through three of the run's own training images (its train_n subset, noisy labels included)."),
         resolution: int = typer.Option(50, "--resolution", help="Grid points per plane axis."),
         probe_train: Optional[int] = typer.Option(1000, "--probe-train", help="Training images to fit the probes on."),
         probe_pool: int = typer.Option(2, "--probe-pool", help="Average-pool conv maps to s x s for the probes (0: flatten all)."),
+        probe_iter: int = typer.Option(1000, "--probe-iter", help="Cap on a probe's L-BFGS iterations (it stops earlier once converged; a probe at the cap is recorded and warned about)."),
         regions: list[str] = typer.Option([], "--regions", help="Also plot decision regions at these epochs (comma-separated)."),
         seed: int = typer.Option(0, help="Seed of the probe images and triplets."),
         device: str = typer.Option("cpu", help="cpu or cuda."),
@@ -50,12 +51,13 @@ def register(app: typer.Typer) -> None:
         tables = dynamics(run, data, store=Store(out), device=device, progress=True, layers=_split_list(layers) or None,
                           epochs=[int(e) for e in _split_list(epochs)] or None, max_checkpoints=max_checkpoints,
                           images=images, batch_size=batch_size, triplets=triplets, resolution=resolution,
-                          probe_train=probe_train, probe_pool=probe_pool, seed=seed)
+                          probe_train=probe_train, probe_pool=probe_pool, probe_iter=probe_iter, seed=seed)
         fig_dir = out / "figures" / "dynamics" / run.name
         paths = save_dynamics(tables, fig_dir)
         if regions:
             r = decision_regions(run, data, epochs=[int(e) for e in _split_list(regions)], layers=_split_list(layers) or None,
-                                 resolution=100, probe_train=probe_train, probe_pool=probe_pool, seed=seed, device=device)
+                                 resolution=100, probe_train=probe_train, probe_pool=probe_pool, probe_iter=probe_iter,
+                                 seed=seed, device=device)
             paths += save_figure(plot_regions(r["regions"], r["anchors"]), fig_dir, "dynamics_regions")
         cka = tables["cka"]
         summary = cka[cka["epoch_a"] != cka["epoch_b"]].groupby(["layer", "label"], sort=False)["cka"].agg(["min", "mean"])
@@ -68,7 +70,7 @@ def register(app: typer.Typer) -> None:
         print_frame(summary.reset_index().rename(columns={"min": "cka_min", "mean": "cka_mean"}),
                     f"{run.name}: {cka['estimator'].iloc[0]} minibatch CKA between checkpoints (off-diagonal)")
         typer.echo(f"figures: {', '.join(str(p) for p in paths if p.suffix == '.png')}")
-        typer.echo(f"tables: layerlab results {out} --analysis dynamics-cka (also dynamics-probes, dynamics-drs)")
+        typer.echo(f"tables: layerlab results {out} --analysis dynamics-cka (also dynamics-probes, dynamics-drs, dynamics-triplets)")
 
     @app.command("compare")
     def compare_cmd(
@@ -78,7 +80,7 @@ def register(app: typer.Typer) -> None:
         data: str = typer.Option("digits", "--data", "-d", help="Data spec of the probe images."),
         layers_a: list[str] = typer.Option([], "--layers-a", help="Model A modules (default: stem, residual blocks, output)."),
         layers_b: list[str] = typer.Option([], "--layers-b", help="Model B modules (default likewise)."),
-        images: int = typer.Option(512, "--images", "-n", help="Probe images (test split), trimmed to whole batches."),
+        images: int = typer.Option(256, "--images", "-n", help="Probe images (test split, at most its size), trimmed to whole batches."),
         batch_size: int = typer.Option(64, "--batch-size", help="Minibatch size of the unbiased CKA estimator."),
         estimator: str = typer.Option("unbiased", help="unbiased (minibatch HSIC_1) or biased (HSIC_0 per batch)."),
         seed: int = typer.Option(0),

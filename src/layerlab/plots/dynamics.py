@@ -4,8 +4,9 @@
   run and one column per layer, on one colour scale, with the first epoch of 100% training accuracy marked;
 * :func:`probe_accuracy`: linear-probe test accuracy over training, one line per layer, one panel per run;
 * :func:`accuracy_curves`: train (noisy labels), train (clean labels) and test accuracy, first 100% epoch marked;
-* :func:`decision_regions`: a plane through three training images coloured by predicted class, opacity = max
-  softmax(logits / 5), for chosen checkpoints (columns) and the network output and each probe (rows);
+* :func:`decision_regions`: a plane through three of the run's training images coloured by predicted class, opacity =
+  max softmax(logits / 5), for chosen checkpoints (columns) and the network output and each probe (rows); anchors
+  whose training label is noisy get a red ring;
 * :func:`layer_heatmap`: the layer x layer CKA of :func:`layerlab.dynamics.compare`.
 
 Every function takes tables and returns a ``matplotlib.figure.Figure`` built without pyplot (Agg canvas);
@@ -135,8 +136,11 @@ def probe_accuracy(probes: pd.DataFrame, training: pd.DataFrame | None = None, *
         cmap = colormaps["viridis"]
         for i, layer in enumerate(layer_names):
             lr = rows[rows["layer"] == layer].sort_values("epoch")
-            ax.plot(lr["epoch"], lr[value], marker=".", ms=3, lw=1.2, color=cmap(i / max(1, len(layer_names) - 1)),
-                    label=lr["label"].iloc[0])
+            colour = cmap(i / max(1, len(layer_names) - 1))
+            ax.plot(lr["epoch"], lr[value], marker=".", ms=3, lw=1.2, color=colour, label=lr["label"].iloc[0])
+            if "probe_converged" in lr:  # a probe stopped at the L-BFGS cap: its accuracy is biased low
+                bad = lr[~lr["probe_converged"].astype(bool)]
+                ax.scatter(bad["epoch"], bad[value], marker="x", s=22, color=colour, zorder=3)
         if training is not None and not training.empty:
             tr = training[training["run"] == run].sort_values("epoch")
             ax.plot(tr["epoch"], tr["test_acc"], color="k", ls="--", lw=1, label="network (test)")
@@ -147,7 +151,9 @@ def probe_accuracy(probes: pd.DataFrame, training: pd.DataFrame | None = None, *
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, loc="lower right", framealpha=0.7)  # per panel: runs may have different layers
     axes[0].set_ylabel(f"linear probe {value.replace('_', ' ')}")
-    fig.suptitle("Linear-probe accuracy per layer over training; dotted red: first epoch of 100% train acc.", fontsize=9)
+    unconverged = "probe_converged" in probes and not probes["probe_converged"].astype(bool).all()
+    fig.suptitle("Linear-probe accuracy per layer over training; dotted red: first epoch of 100% train acc."
+                 + ("; x: probe stopped at the L-BFGS cap unconverged" if unconverged else ""), fontsize=9)
     return fig
 
 
@@ -209,8 +215,9 @@ def decision_regions(regions: pd.DataFrame, anchors: pd.DataFrame, *, classes: S
             img[jj, ii, 3] = rows["confidence"].to_numpy()
             ax.imshow(img, origin="lower", extent=extent, interpolation="nearest", aspect="equal")
             for _, a in anchors.iterrows():
+                noisy = bool(a.get("noisy", False))  # a training image whose label the noise moved: red ring
                 ax.scatter(a["c1"], a["c2"], s=28, marker="o", facecolor=palette[int(a["class"]) % len(palette)],
-                           edgecolor="k", linewidth=0.9, zorder=3)
+                           edgecolor="#d62728" if noisy else "k", linewidth=1.6 if noisy else 0.9, zorder=3)
             if r == 0:
                 ax.set_title(f"epoch {epoch}", fontsize=8)
             if c == 0:
@@ -221,9 +228,11 @@ def decision_regions(regions: pd.DataFrame, anchors: pd.DataFrame, *, classes: S
 
     handles = [Patch(color=palette[k % len(palette)], label=names[k] if k < len(names) else str(k)) for k in used]
     fig.legend(handles=handles, loc="outside right center", fontsize=7, title="class", title_fontsize=7)
-    anchor_txt = ", ".join(f"{a['point']}: class {int(a['class'])}" for _, a in anchors.iterrows())
-    fig.suptitle(f"Decision regions on the plane through three training images ({anchor_txt}; dots);\n"
-                 "colour = predicted class, opacity = max softmax(logits / 5)", fontsize=8)
+    anchor_txt = ", ".join(
+        f"{a['point']}: class {int(a['class'])}" + (f" (noisy; clean {int(a['clean_class'])})" if bool(a.get("noisy", False)) else "")
+        for _, a in anchors.iterrows())
+    fig.suptitle(f"Decision regions on the plane through three of the run's training images ({anchor_txt}; dots, "
+                 "class = label trained with);\ncolour = predicted class, opacity = max softmax(logits / 5)", fontsize=8)
     return fig
 
 
