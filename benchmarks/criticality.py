@@ -24,7 +24,7 @@ import time
 import torch
 from torch import nn
 
-from layerlab import layers, load_data, load_model
+from layerlab import list_layers, load_data, load_model
 from layerlab.criticality import criticality
 
 
@@ -55,7 +55,7 @@ def main() -> None:
         for m in head:
             m.weight.mul_(args.head_scale)
     data = load_data(args.data, "test", args.images, args.seed)
-    n_layers = len(layers(model))
+    n_layers = len(list_layers(model))
     params = sum(p.numel() for p in model.parameters())
     opts = dict(trials=args.trials, batch_size=args.batch_size, device=args.device, seed=args.seed)
 
@@ -65,7 +65,7 @@ def main() -> None:
     print(f"machine {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before")
 
-    criticality(model, data, layers=[layers(model)[-1].name], **{**opts, "trials": 1})  # warm-up (imports, kernels)
+    criticality(model, data, layers=[list_layers(model)[-1].name], **{**opts, "trials": 1})  # warm-up (imports, kernels)
     t0 = time.perf_counter()
     naive = criticality(model, data, naive=True, **opts)
     t_naive = time.perf_counter() - t0

@@ -63,7 +63,7 @@ def main() -> None:
           f"{args.steps} steps; torch threads {args.threads}")
 
     t0, c0 = time.perf_counter(), time.process_time()
-    res = invariance_grid(pt, models["finetuned"], data=X, layers=LAYERS, n_images=None, steps=args.steps)
+    res = invariance_grid(pt, models["finetuned"], data=X, layers=LAYERS, images=None, steps=args.steps)
     cached_s, cached_cpu = time.perf_counter() - t0, time.process_time() - c0
     g = res["grid"]
     g = g[g["metric"] == "stir"]

@@ -20,7 +20,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 import layerlab.criticality as crit
-from layerlab import fresh_model, layers, load_data, load_model, save_checkpoint
+from layerlab import fresh_model, list_layers, load_data, load_model, save_checkpoint
 from layerlab.errors import LayerlabError, NonFiniteError
 from layerlab.seeds import derive_seed, generator
 from layerlab.store import Store
@@ -90,7 +90,7 @@ def mlp_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mlp")
     torch.manual_seed(0)
     net = _mlp()
-    torch.save(net, root / "arch.pt")
+    torch.save(net, root / "arch.pt")  # a whole pickled module: loading it (and this run) needs trust_pickle=True
     net.layerlab_arch = "file:" + str(root / "arch.pt")
     run = root / "run"
     (run / "checkpoints").mkdir(parents=True)
@@ -185,7 +185,7 @@ def test_only_conv_and_linear_weights_are_swapped(trained, data, monkeypatch):
     monkeypatch.setattr(crit, "_overrides", spy)
     table = crit.criticality(trained, data, trials=1)
     modules = dict(trained.named_modules())
-    assert set(table["layer"]) == {i.name for i in layers(trained)}
+    assert set(table["layer"]) == {i.name for i in list_layers(trained)}
     assert not any("bn" in n or "norm" in n for n in table["layer"])
     assert swapped and all(isinstance(modules[n.rpartition(".")[0]], (nn.Conv2d, nn.Linear)) for n in swapped)
     assert {n.rpartition(".")[2] for n in swapped} <= {"weight", "bias"}
@@ -343,7 +343,7 @@ def test_chunked_cache_gives_the_same_numbers(trained, data):
 def test_checkpoint_resets_of_blocks_and_layers_match_a_hand_computation(mlp_run):
     data = load_data("digits?size=8", "test", n=120, seed=0)
     final = _state(mlp_run / "final.pt")
-    model = load_model("file:" + str(mlp_run / "final.pt"))
+    model = load_model("file:" + str(mlp_run / "final.pt"), trust_pickle=True)
     table = crit.criticality(model, data, mode=["reinit", "checkpoint"], run=mlp_run, checkpoint=[1, 2],
                              units="blocks")
     assert set(table["layer"]) == {"layer1.0", "fc"}
@@ -379,7 +379,7 @@ def test_module_criticality_matches_an_independent_grid(mlp_run):
     of sigma evaluated with a hand-written forward pass (no layerlab code on the reference side but the
     documented noise stream)."""
     data = load_data("digits?size=8", "test", n=60, seed=0)
-    model = load_model("file:" + str(mlp_run / "final.pt"))
+    model = load_model("file:" + str(mlp_run / "final.pt"), trust_pickle=True)
     table = crit.module_criticality(model, data, run=mlp_run, seed=5).set_index("layer")
     final = _state(mlp_run / "final.pt")
     init = _state(mlp_run / "checkpoints" / "epoch_0000.pt")
@@ -427,7 +427,7 @@ def _edited_run(mlp_run: Path, tmp_path: Path, edit) -> Path:
 
     run = tmp_path / "edited"
     shutil.copytree(mlp_run, run)
-    model = load_model("file:" + str(run / "final.pt"))
+    model = load_model("file:" + str(run / "final.pt"), trust_pickle=True)
     state = edit(_state(run / "final.pt"), _state(run / "checkpoints" / "epoch_0000.pt"))
     model.load_state_dict(state)
     save_checkpoint(model, run / "final.pt", epoch=3)
@@ -448,7 +448,7 @@ def test_module_criticality_of_unmoved_and_barely_moved_modules(mlp_run, tmp_pat
 
     run = _edited_run(mlp_run, tmp_path, edit)
     data = load_data("digits?size=8", "train", n=80, seed=0)
-    model = load_model("file:" + str(run / "final.pt"))
+    model = load_model("file:" + str(run / "final.pt"), trust_pickle=True)
     table = crit.module_criticality(model, data, run=run, layers=["layer1.0.conv2", "fc"]).set_index("layer")
     assert table.loc["layer1.0.conv2", "criticality"] == 0.0
     assert table.loc["layer1.0.conv2", "distance"] == 0.0
@@ -460,7 +460,7 @@ def test_module_criticality_of_unmoved_and_barely_moved_modules(mlp_run, tmp_pat
 
 
 def test_module_criticality_measures_on_training_data_by_default(mlp_run):
-    model = load_model("file:" + str(mlp_run / "final.pt"))
+    model = load_model("file:" + str(mlp_run / "final.pt"), trust_pickle=True)
     table = crit.module_criticality(model, "digits?size=8", run=mlp_run, images=40, layers=["fc"])
     assert table.attrs["split"] == "train"
 
@@ -555,7 +555,7 @@ def test_bad_input_fails_clearly(trained, data, mlp_run):
     with pytest.raises(LayerlabError, match="trials must be a positive integer"):
         crit.criticality(trained, data, trials=0)
     with pytest.raises(LayerlabError, match="no checkpoint for epoch 7"):
-        crit.criticality(load_model("file:" + str(mlp_run / "final.pt")), "digits?size=8", mode="checkpoint",
+        crit.criticality(load_model("file:" + str(mlp_run / "final.pt"), trust_pickle=True), "digits?size=8", mode="checkpoint",
                          run=mlp_run, checkpoint=7)
     with pytest.raises(LayerlabError, match="same architecture"):
         crit.criticality(trained, data, mode="reinit", run=mlp_run, layers=["fc"])
@@ -600,7 +600,8 @@ def test_cli_writes_tables_figures_and_indices(tmp_path):
     assert isinstance(bad.exception, LayerlabError) and "nope" in str(bad.exception)
 
 
-def test_cli_checkpoint_and_module_modes(mlp_run, tmp_path):
+def test_cli_checkpoint_and_module_modes(mlp_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("LAYERLAB_TRUST_PICKLE", "1")  # the MLP's architecture is a pickled module: the CLI's opt-in
     out = tmp_path / "zhang"
     result = CliRunner().invoke(_cli(), ["criticality", "--run", str(mlp_run), "--data", "digits?size=8", "--images",
                                          "30", "--mode", "checkpoint", "--units", "blocks", "--out", str(out), "--no-progress"])

@@ -50,7 +50,7 @@ def test_unknown_layer_names_the_layer_the_closest_names_and_how_to_list():
     with pytest.raises(LayerlabError) as err:
         Extractor(model, ["features.0", "feature.0"])
     msg = str(err.value)
-    assert "'feature.0'" in msg and "'features.0'" in msg and "layerlab.layers(model)" in msg
+    assert "'feature.0'" in msg and "'features.0'" in msg and "layerlab.list_layers(model)" in msg
     with pytest.raises(LayerlabError, match="unknown layer 'nope'"):
         forward_until(model, "nope", torch.randn(1, 3, 8, 8))
 

@@ -305,9 +305,11 @@ def test_bad_input_fails_with_a_teaching_message(images):
 # ------------------------------------------------------------------------------------------- figures and CLI
 
 
-def test_figures_and_cli(images, tmp_path):
+def test_figures_and_cli(images, tmp_path, monkeypatch):
     from typer.testing import CliRunner
     import typer
+
+    monkeypatch.setenv("LAYERLAB_TRUST_PICKLE", "1")  # the models below are whole pickled modules: opt in
 
     from layerlab.cli import invariance as cli_inv
     from layerlab.plots.invariance import save_all

@@ -97,7 +97,9 @@ def test_file_whole_module_and_bare_state_dict(tmp_path):
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))
     net(torch.rand(1, 3, 8, 8))
     torch.save(net, tmp_path / "whole.pt")
-    m = load_model(f"file:{tmp_path / 'whole.pt'}")
+    with pytest.raises(LayerlabError, match=r"pickled Python objects .*trust_pickle=True"):
+        load_model(f"file:{tmp_path / 'whole.pt'}")  # unpickling runs code from the file: only when asked
+    m = load_model(f"file:{tmp_path / 'whole.pt'}", trust_pickle=True)
     assert isinstance(m, nn.Sequential)
     with pytest.raises(LayerlabError, match="no architecture spec"):
         fresh_model(m, 0)  # never silently "fresh" = the saved weights
@@ -113,7 +115,7 @@ def test_file_whole_module_and_bare_state_dict(tmp_path):
 
 def test_layers_listing_excludes_norms_and_labels(tiny_arch):
     m = load_model(tiny_arch)
-    infos = layerlab.layers(m)
+    infos = layerlab.list_layers(m)
     assert infos[0].name == "conv1" and infos[-1].name == "fc"
     assert all(i.kind in ("Conv2d", "Linear") for i in infos)
     assert not any("bn" in i.name for i in infos)
@@ -125,7 +127,7 @@ def test_layers_listing_excludes_norms_and_labels(tiny_arch):
     assert display_label("net.layer4.1.conv1") == "[4.1] conv1"
     assert display_label("blocks.3.attn.qkv") == "[3] attn.qkv"
     # forward-ordered listing agrees with registration order for a ResNet
-    assert [i.name for i in layerlab.layers(m, sample=torch.rand(1, 3, 32, 32))] == [i.name for i in infos]
+    assert [i.name for i in layerlab.list_layers(m, sample=torch.rand(1, 3, 32, 32))] == [i.name for i in infos]
 
 
 def test_resolve_layers_by_name_or_label_and_unknown(tiny_arch):

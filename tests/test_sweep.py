@@ -210,7 +210,7 @@ def test_landed_analyses_run_as_jobs(tmp_path):
         models: {{random: "{TINY}"}}
         analyses:
           module-criticality: {{grid: 2, draws: 1, images: 16, layers: [conv1, fc]}}
-          invariance: {{pairs: [{{pretrained: baseline, finetuned: adam}}], steps: 2, n_images: 8, layers: [conv1, fc]}}
+          invariance: {{pairs: [{{pretrained: baseline, finetuned: adam}}], steps: 2, images: 8, layers: [conv1, fc]}}
           dynamics: {{layers: [conv1], images: 16, batch_size: 8, triplets: 2, resolution: 4, probe_train: 64}}
     """))
     jobs = {(j.kind, j.model): j for j in expand(s)}

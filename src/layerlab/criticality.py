@@ -5,10 +5,11 @@ the model's output moves (Gavrikov, Agnihotri, Keuper, Keuper 2024, arXiv 2410.1
 
     criticality(l) = 100 * (1 - mean_t mean_x cos(softmax f(x), softmax f_{l <- fresh_t}(x)))    [%]
 
-where trial t copies layer l's weight and bias from ONE fresh, untrained instance of the same architecture built
-by its own constructor (:func:`layerlab.models.fresh_model`, on the CPU so results do not depend on the device)
-under the seed ``derive_seed("criticality/fresh", seed, t)`` (:mod:`layerlab.seeds`): a stream of its own that no
-training seed can coincide with. (With ``seed + t``, trial 0 of a model trained under seed 0 re-installed the
+where trial t copies layer l's weight and bias from ONE fresh, untrained instance of the same architecture (from
+``fresh=``, the model's spec, its exact timm/torchvision constructor, or each layer's ``reset_parameters()``:
+:func:`layerlab.models.fresh_source`; built on the CPU so results do not depend on the device) under the seed
+``derive_seed("criticality/fresh", seed, t)`` (:mod:`layerlab.seeds`): a stream of its own that no training seed
+can coincide with. (With ``seed + t``, trial 0 of a model trained under seed 0 re-installed the
 layer's own initial weights and measured a reset to init, not a re-randomisation.) Where the run is known (a
 layerlab checkpoint inside its run folder, or ``run=``), a fresh instance equal to the run's epoch-0 weights is an
 error. Normalisation layers are never touched. Every layer and trial sees the same images
@@ -38,7 +39,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
@@ -53,11 +53,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .data import ImageData, check_label_coverage, load_data, to_unit_float
-from .errors import LayerlabError, NonFiniteError, ShapeError, check_finite
-from .layers import LEARNABLE, display_label, layers as learnable_layers, pick_by_name, resolve_layers, residual_blocks
-from .models import Normalized, fresh_model, load_model
+from .data import Batches, DataLike, ImageData, as_batches, check_batch_labels
+from .errors import DataError, LayerlabError, NonFiniteError, ShapeError, check_finite
+from . import structure
+from .layers import pick_by_name
+from .structure import Stage
+from .models import FreshSource, checkpoint_state, fresh_source, load_model
 from .runs import checkpoint_path, checkpoints as run_checkpoints
+from .runtime import resolve_device
 from .seeds import derive_seed, generator
 from .store import Store, job_key
 
@@ -195,52 +198,42 @@ class Unit:
     params: tuple[str, ...]  # full parameter names: each layer's weight and bias, nothing else
 
 
-_BLOCK_KEY = re.compile(r"(?:^|\.)layer(\d+)\.(\d+)$")
-_VIT_KEY = re.compile(r"(?:^|\.)blocks\.(\d+)$")
-
-
-def _block_label(key: str) -> str:
-    inner = key[4:] if key.startswith("net.") else key
-    if m := _BLOCK_KEY.search(inner):
-        return f"[{m.group(1)}.{m.group(2)}]"
-    if m := _VIT_KEY.search(inner):
-        return f"[{m.group(1)}]"
-    return display_label(key)
-
-
-def _layer_params(model: nn.Module, name: str) -> tuple[str, ...]:
-    module = model.get_submodule(name)
-    return tuple(f"{name}.{p}" for p, t in module.named_parameters(recurse=False) if t is not None)
-
-
 def units_of(model: nn.Module, units: str = "layers", names: Sequence[str] | None = None) -> list[Unit]:
-    """The units a run walks over, in forward order: every Conv2d/Linear, or every residual block (Zhang et al.).
+    """The units a run walks over, in module order: every learnable layer, or every residual/transformer block
+    and every layer outside blocks (Zhang et al.), as :mod:`layerlab.structure` reads them off the model.
 
     ``names`` selects some (layer names or labels; block names like ``layer3.1`` or labels like ``[3.1]``).
     """
     if units not in UNITS:
         raise LayerlabError(f"units must be one of {', '.join(UNITS)}, got {units!r}")
-    infos = learnable_layers(model)
+    infos = structure.learnable_layers(model)
     if not infos:
         raise LayerlabError(
             f"{type(model).__name__} has no learnable Conv2d/Linear layer; criticality needs at least one"
         )
     if units == "layers":
-        chosen = resolve_layers(model, list(names) if names else None)
-        pos = {i.name: i.index for i in infos}
-        return [
-            Unit(i.name, i.label, i.kind, pos[i.name], (i.name,), _layer_params(model, i.name)) for i in chosen
-        ]
+        all_layers = [Unit(i.name, i.label, i.kind, i.index, (i.name,), structure.layer_params(model, i.name))
+                      for i in infos]
+        if not names:
+            return all_layers
+        return pick_by_name(
+            all_layers,
+            list(names),
+            lambda r, close: f"layer {r!r} does not exist or is not a learnable Conv2d/Linear"
+            + (f" (did you mean {', '.join(map(repr, close))}?)" if close else "")
+            + "; list them with `layerlab layers SPEC`",
+        )
+    by_name = {i.name: i for i in infos}
     all_units = [
         Unit(
             key,
-            _block_label(key),
-            "block" if len(members) > 1 or key not in members else next(i.kind for i in infos if i.name == key),
+            structure.block_label(key) if key not in by_name else by_name[key].label,
+            "block" if key not in by_name else by_name[key].kind,
             k,
             tuple(members),
-            tuple(p for m in members for p in _layer_params(model, m)),
+            tuple(p for m in members for p in structure.layer_params(model, m)),
         )
-        for k, (key, members) in enumerate(residual_blocks(model).items())
+        for k, (key, members) in enumerate(structure.block_units(model).items())
     ]
     if not names:
         return all_units
@@ -256,64 +249,14 @@ def units_of(model: nn.Module, units: str = "layers", names: Sequence[str] | Non
 # ==================================================================================== stage decomposition
 
 
-@dataclass
-class Stage:
-    """One link of a model's forward chain: a submodule (``path``), or parameter-free glue (flatten, normalise)."""
-
-    path: str
-    kind: str = "module"  # "module" | "flatten" | "normalize"
-    module: nn.Module | None = None
-
-    def owns(self, name: str) -> bool:
-        """Whether the module at ``name`` (a layer or parameter path) lives inside this stage."""
-        if self.kind != "module":
-            return False
-        return self.path == "" or name == self.path or name.startswith(self.path + ".")
-
-
-def _join(path: str, name: str) -> str:
-    return f"{path}.{name}" if path else name
-
-
-def _is_plain_sequential(m: nn.Module) -> bool:
-    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
-
-
-def _expand(m: nn.Module, path: str) -> list[Stage]:
-    """A plain nn.Sequential is the chain of its children (recursively); anything else is one stage."""
-    if _is_plain_sequential(m):
-        return [s for name, child in m.named_children() for s in _expand(child, _join(path, name))]
-    if isinstance(m, Normalized):
-        return [Stage(path, "normalize", m), *_expand(m.net, _join(path, "net"))]
-    resnet = _resnet_stages(m, path)
-    return resnet if resnet is not None else [Stage(path, "module", m)]
-
-
-def _resnet_stages(m: nn.Module, path: str) -> list[Stage] | None:
-    """timm / torchvision ResNet: stem modules, every residual block, global pool (+ flatten), fc."""
-    kids = dict(m.named_children())
-    act = next((a for a in ("act1", "relu") if a in kids), None)
-    pool = next((p for p in ("global_pool", "avgpool") if p in kids), None)
-    stages = sorted((int(k[5:]), k) for k in kids if re.fullmatch(r"layer\d+", k))
-    if act is None or pool is None or not stages or not {"conv1", "bn1", "maxpool", "fc"} <= kids.keys():
-        return None
-    if [i for i, _ in stages] != list(range(1, len(stages) + 1)):
-        return None
-    order = ["conv1", "bn1", act, "maxpool", *(k for _, k in stages), pool]
-    out = [s for k in order for s in _expand(kids[k], _join(path, k))]
-    if pool == "avgpool":  # torchvision: avgpool -> torch.flatten(x, 1) -> fc; timm's global_pool flattens
-        out.append(Stage(_join(path, "flatten"), "flatten"))
-    return out + _expand(kids["fc"], _join(path, "fc"))
-
-
 def stage_decomposition(model: nn.Module) -> list[Stage]:
-    """The model as a chain of stages whose composition is its forward pass, or the whole model as one stage.
-
-    Understood: plain ``nn.Sequential`` (recursively), timm/torchvision ResNets (stem, blocks, pool, fc) and the
-    ``Normalized`` wrapper around either. The chain is verified against the real forward on the first batch
-    before use (:class:`Pipeline`), so an unknown architecture falls back to the full forward, always correct.
+    """The model as a chain of stages whose composition is its forward pass, or the whole model as one stage
+    (:func:`layerlab.structure.stage_chain`: plain ``nn.Sequential``, ResNets, timm ViT/ConvNeXt/EfficientNet/
+    MobileNetV3, torchvision features/classifier models, inside ``Normalized`` too). The chain is verified against
+    the real forward on the first batch before use (:class:`Pipeline`), so an architecture it cannot split falls
+    back to the full forward, always correct.
     """
-    return _expand(model, "")
+    return structure.stage_chain(model)
 
 
 class Pipeline:
@@ -336,7 +279,7 @@ class Pipeline:
             for k, v in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
         }
         self.stages = stage_decomposition(model) if decompose else [Stage("", "module", model)]
-        names = [i.name for i in learnable_layers(model)]
+        names = [i.name for i in structure.learnable_layers(model)]
         if len(self.stages) > 1 and any(self.stage_of(n) is None for n in names):
             self.stages = [Stage("", "module", model)]
         self._stage_params = [self._slice(s) for s in self.stages]
@@ -352,10 +295,14 @@ class Pipeline:
     def _slice(self, stage: Stage) -> dict[str, torch.Tensor]:
         if stage.kind == "flatten":
             return {}
-        if stage.path == "":
+        if stage.kind == "module" and stage.path == "":
             return self.params
-        prefix = stage.path + "."
-        return {k[len(prefix):]: v for k, v in self.params.items() if k.startswith(prefix)}
+        out = {}
+        for k, v in self.params.items():
+            key = stage.key(k)
+            if key is not None:
+                out[key] = v
+        return out
 
     def stage_of(self, name: str) -> int | None:
         """Index of the stage that owns the layer/parameter ``name`` (None when no stage does)."""
@@ -368,8 +315,7 @@ class Pipeline:
             i = self.stage_of(name)
             if i is None:
                 raise LayerlabError(f"parameter {name!r} belongs to no stage of {type(self.model).__name__}")
-            path = self.stages[i].path
-            out.setdefault(i, {})[name[len(path) + 1:] if path else name] = t
+            out.setdefault(i, {})[self.stages[i].key(name)] = t  # type: ignore[index]
         return out
 
     @contextmanager
@@ -378,10 +324,10 @@ class Pipeline:
         with torch.inference_mode(), ctx:
             yield
 
-    def input(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (0..255) or float (0..1) [B, C, H, W] -> float in [0, 1] on the device, in the pipeline's memory
-        format."""
-        return self.prepare(to_unit_float(images, self.device))
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch of model inputs (float [B, C, H, W], from :class:`~layerlab.data.Batches`) on the device, in the
+        pipeline's memory format."""
+        return self.prepare(x)
 
     @staticmethod
     def _logits(y: Any, what: str) -> torch.Tensor:
@@ -449,9 +395,14 @@ class Pipeline:
         check_finite(reference, what=f"the original logits of {what}", hint="the model itself produces NaN/inf")
         if len(self.stages) == 1:
             return reference, {0: x}
-        chained, cache = self.trace(x, range(len(self.stages)))
+        try:
+            chained, cache = self.trace(x, range(len(self.stages)))
+        except Exception:  # a chain the model's forward does not fit (shapes, missing glue)
+            chained, cache = None, {}
         scale = 1.0 + float(reference.abs().max())
-        if torch.equal(chained, reference) or torch.allclose(chained, reference, rtol=1e-3, atol=1e-3 * scale):
+        if chained is not None and chained.shape == reference.shape and (
+            torch.equal(chained, reference) or torch.allclose(chained, reference, rtol=1e-3, atol=1e-3 * scale)
+        ):
             return chained, cache
         warnings.warn(
             f"criticality: the stage decomposition of {type(self.model).__name__} does not reproduce its "
@@ -489,15 +440,6 @@ def _fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _data_fingerprint(data: ImageData) -> str:
-    h = hashlib.sha256(f"{data.spec}|{data.split}|{tuple(data.images.shape)}".encode())
-    h.update(data.indices.cpu().contiguous().numpy().tobytes())
-    if not data.spec:  # an in-memory data set: hash the pixels themselves
-        h.update(data.images.cpu().contiguous().numpy().tobytes())
-    h.update(data.labels.cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def _named_models(models: ModelLike | Sequence[ModelLike] | Mapping[str, ModelLike]) -> dict[str, ModelLike]:
     if isinstance(models, Mapping):
         named = dict(models)
@@ -517,19 +459,11 @@ def _named_models(models: ModelLike | Sequence[ModelLike] | Mapping[str, ModelLi
     return named
 
 
-def _as_data(data: ImageData | str, split: str, images: int | None, seed: int) -> ImageData:
-    if isinstance(data, ImageData):
-        return data.sample(images, seed)  # the same seeded choice load_data makes; too many is an error
-    if isinstance(data, str):
-        return load_data(data, split, images, seed)
-    raise LayerlabError(f"data: expected a data spec such as 'digits' or an ImageData, got {type(data).__name__}")
-
-
-def _device(device: str | torch.device) -> torch.device:
-    d = torch.device(device)
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise LayerlabError(f"device {str(device)!r} asked for, but CUDA is not available here; use --device cpu")
-    return d
+def _device(device: str | torch.device | None, named: Mapping[str, ModelLike]) -> torch.device:
+    """layerlab's device policy (:func:`layerlab.runtime.resolve_device`); ``None``: where the first model given
+    as an ``nn.Module`` is (models are never moved: the pipeline holds its own copies), else the CPU."""
+    first = next((m for m in named.values() if isinstance(m, nn.Module)), None)
+    return resolve_device(device, first)
 
 
 # ============================================================================================ references
@@ -591,26 +525,59 @@ def _references(
 
 
 class _ReferenceCache:
-    """Reference parameters (CPU) per (architecture, seed) or checkpoint file, shared across a zoo sweep."""
+    """Reference parameters (CPU) per (fresh-instance source, seed) or checkpoint file, shared across a zoo sweep.
+
+    Each model's fresh instances come from one :class:`~layerlab.models.FreshSource` (:meth:`bind`), and trial t's
+    instance is drawn under ``Reference.draw_seed`` = ``derive_seed("criticality/fresh", seed, t)`` whatever the
+    source (a ``fresh=`` callable and ``reset_parameters()`` included), on the CPU so the draws do not depend on the
+    device.
+    """
 
     def __init__(self) -> None:
         self._items: dict[tuple, dict[str, torch.Tensor]] = {}
+        self._digests: dict[tuple, str] = {}
+        self._sources: dict[int, tuple[nn.Module, FreshSource]] = {}  # id(model) -> (model kept alive, source)
+
+    def bind(self, model: nn.Module, fresh: Callable[[], nn.Module] | None = None) -> FreshSource:
+        """Resolve (once) where ``model``'s fresh instances come from (:func:`layerlab.models.fresh_source`)."""
+        if id(model) not in self._sources:
+            self._sources[id(model)] = (model, fresh_source(model, fresh))
+        return self._sources[id(model)][1]
+
+    def _key(self, model: nn.Module, ref: Reference) -> tuple:
+        if ref.path is None:
+            return ("fresh", self.bind(model).key, type(model).__name__, ref.draw_seed)
+        return ("file", str(ref.path.resolve()), ref.path.stat().st_mtime_ns)
 
     def get(self, model: nn.Module, ref: Reference) -> dict[str, torch.Tensor]:
-        if ref.path is None:
-            key: tuple = ("fresh", getattr(model, "layerlab_arch", None), type(model).__name__, ref.draw_seed)
-        else:
-            key = ("file", str(ref.path.resolve()), ref.path.stat().st_mtime_ns)
+        key = self._key(model, ref)
         if key not in self._items:
             if ref.path is None:
-                source = fresh_model(model, seed=ref.draw_seed, device="cpu")  # CPU: device-independent draws
-            else:
-                source = load_model("file:" + str(ref.path))
-            owners = {n for n, m in source.named_modules() if isinstance(m, LEARNABLE)}
-            self._items[key] = {
-                n: p.detach().clone() for n, p in source.named_parameters() if n.rpartition(".")[0] in owners
-            }
+                source = self.bind(model).draw(ref.draw_seed)  # type: ignore[arg-type]
+                owners = {n for n, m in source.named_modules() if structure.is_layer(m)}
+                self._items[key] = {
+                    n: p.detach().clone() for n, p in source.named_parameters() if n.rpartition(".")[0] in owners
+                }
+            else:  # a run's checkpoint: its tensors only (weights_only=True), the model's layer weights among them
+                trust = bool(getattr(model, "layerlab_trust_pickle", False))
+                state = checkpoint_state(ref.path, trust_pickle=trust or None)
+                owners = {n for n, m in model.named_modules() if structure.is_layer(m)}
+                self._items[key] = {
+                    n: t.detach().clone() for n, t in state.items() if n.rpartition(".")[0] in owners
+                }
         return self._items[key]
+
+    def digest(self, model: nn.Module, ref: Reference) -> str:
+        """sha256 of the reference's layer weights: part of a job's key where the source is not a spec."""
+        key = self._key(model, ref)
+        if key not in self._digests:
+            h = hashlib.sha256()
+            for name, t in sorted(self.get(model, ref).items()):
+                t = t.contiguous()
+                h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy())
+            self._digests[key] = h.hexdigest()[:16]
+        return self._digests[key]
 
 
 def _what(ref: Reference, run: Path | None) -> str:
@@ -627,7 +594,7 @@ def _overrides(model: nn.Module, unit: Unit, source: Mapping[str, torch.Tensor],
         if name not in source:
             raise LayerlabError(
                 f"{what} has no parameter {name!r}; the reference must be the same architecture as the model "
-                "(is --run the run that trained this model?)"
+                "(is --run the run that trained this model? does fresh= build this architecture?)"
             )
         if source[name].shape != own[name].shape:
             raise LayerlabError(
@@ -651,38 +618,70 @@ class _Task:
     stats: list[torch.Tensor] = field(default_factory=list)
 
 
+Trace = tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]  # (original logits, labels, stage inputs)
+
+
 class _Traces:
-    """Per batch: original logits, labels and the cached stage inputs; held for all images when they fit in
-    ``max_bytes``, else produced in chunks of batches (then every chunk is traced once per use)."""
+    """Per batch: original logits, labels and the cached inputs of the stages in ``keep``.
+
+    Held for all images when they fit in ``max_bytes`` (then the data is read once); else produced chunk by chunk
+    in one pass over the data per use (:meth:`chunks`), so memory holds one chunk, never all images: a DataLoader
+    streams. ``first`` is batch 0 already traced by :meth:`Pipeline.validate`.
+    """
 
     def __init__(
-        self,
-        pipe: Pipeline,
-        data: ImageData,
-        keep: set[int],
-        batch_size: int,
-        max_bytes: int,
-        first: tuple[torch.Tensor, dict[int, torch.Tensor]],
+        self, pipe: Pipeline, data: Batches, keep: set[int], max_bytes: int, first: Trace, what: str, x0: torch.Tensor
     ) -> None:
-        self.pipe, self.data, self.keep, self.bs = pipe, data, keep, batch_size
-        starts = list(range(0, len(data), batch_size))
-        logits, cache = first  # batch 0, traced by Pipeline.validate
-        first = (logits, data.labels[:batch_size].to(logits.device), {k: cache[k] for k in keep})
-        per_batch = sum(t.numel() * t.element_size() for t in first[2].values()) + first[0].numel() * 4
-        per_chunk = max(1, int(max_bytes // max(per_batch, 1)))
-        self.chunks = [starts[i : i + per_chunk] for i in range(0, len(starts), per_chunk)]
-        self._held = [first] + [self._trace(s) for s in self.chunks[0][1:]] if len(self.chunks) == 1 else None
+        self.pipe, self.data, self.keep, self.what = pipe, data, keep, what
+        logits, labels, cache = first
+        self._first: Trace = (logits, labels, {k: cache[k] for k in keep})
+        self._x0 = _checksum(x0, labels)
+        per_batch = sum(t.numel() * t.element_size() for t in self._first[2].values()) + logits.numel() * 4
+        self.per_chunk = max(1, int(max_bytes // max(per_batch, 1)))
+        self._held: list[Trace] | None = None
+        self.n_images: int | None = None
 
-    def _trace(self, start: int) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
-        x = self.pipe.input(self.data.images[start : start + self.bs])
-        logits, cache = self.pipe.trace(x, self.keep)
-        labels = self.data.labels[start : start + self.bs].to(logits.device)
-        return logits, labels, cache
+    def _trace(self, x: torch.Tensor, labels: torch.Tensor) -> Trace:
+        logits, cache = self.pipe.trace(self.pipe.input(x), self.keep)
+        check_finite(logits, what=f"the original logits of {self.what}", hint="the model itself produces NaN/inf")
+        check_batch_labels(logits.shape[-1], labels, self.what, self.data.describe())
+        return logits, labels.to(logits.device), cache
 
-    def chunk(self, j: int) -> list[tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]]:
+    def chunks(self) -> Iterator[tuple[list[Trace], bool]]:
+        """``(traces of consecutive batches, is_last)`` over all images, in order."""
         if self._held is not None:
-            return self._held
-        return [self._trace(s) for s in self.chunks[j]]
+            yield self._held, True
+            return
+        source = iter(self.data.batches(self.pipe.device))
+        upcoming = next(source, None)
+        chunk: list[Trace] = []
+        k = n = 0
+        while upcoming is not None:
+            x, labels = upcoming
+            if k == 0 and _checksum(x, labels) != self._x0:
+                raise DataError(f"{self.data.describe()} yielded different images on another pass (batch 0): an "
+                                "analysis reads its data several times and needs the same images in the same order; "
+                                "turn off shuffling and random augmentation")
+            chunk.append(self._first if k == 0 else self._trace(x, labels))
+            k, n = k + 1, n + labels.shape[0]
+            upcoming = next(source, None)
+            if len(chunk) == self.per_chunk or upcoming is None:
+                if upcoming is None:
+                    self.n_images = n
+                    if k == len(chunk):  # everything fit: keep it for every later use
+                        self._held = chunk
+                yield chunk, upcoming is None
+                chunk = []
+
+
+def _checksum(x: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, int]:
+    return float(x.double().sum()), float(x.double().square().sum()), int(labels.sum())
+
+
+def _first_batch(data: Batches, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    for x, labels in data.batches(device):
+        return x, labels
+    raise DataError(f"{data.describe()} holds no images")
 
 
 def _finite(t: torch.Tensor, model: str, unit: Unit, refs: Sequence[Reference]) -> None:
@@ -702,7 +701,7 @@ def _groups(task: _Task) -> list[tuple[int, int]]:
 def _evaluate(
     name: str,
     pipe: Pipeline,
-    data: ImageData,
+    data: Batches | ImageData,
     tasks: list[_Task],
     *,
     batch_size: int,
@@ -712,39 +711,46 @@ def _evaluate(
     advance: Callable[[float], None],
 ) -> None:
     """Fill every task's per-reference statistics, calling ``on_done(task, base_accuracy)`` as each finishes."""
+    data = as_batches(data, batch_size)
+    what = f"model {name!r}"
     if naive:
         originals = []
-        for s in range(0, len(data), batch_size):
-            logits = pipe.full(pipe.input(data.images[s : s + batch_size]))
-            check_label_coverage(logits.shape[-1], data, f"model {name!r}")
-            check_finite(logits, what=f"the original logits of model {name!r}", hint="the model itself produces NaN/inf")
-            originals.append((logits, data.labels[s : s + batch_size].to(logits.device)))
+        for x, labels in data.batches(pipe.device):
+            logits = pipe.full(pipe.input(x))
+            if not originals:
+                data.check_outputs(logits.shape[-1], what)
+            check_batch_labels(logits.shape[-1], labels, what, data.describe())
+            check_finite(logits, what=f"the original logits of {what}", hint="the model itself produces NaN/inf")
+            originals.append((logits, labels))
         base = _base_accuracy(originals)
         for task in tasks:
             for ov, ref in zip(task.overrides, task.refs):
                 acc = torch.zeros(6, dtype=torch.float64)
-                for (orig, labels), s in zip(originals, range(0, len(data), batch_size)):
-                    out = pipe.full(pipe.input(data.images[s : s + batch_size]), ov)
+                for (orig, labels), (x, _) in zip(originals, data.batches(pipe.device), strict=True):
+                    out = pipe.full(pipe.input(x), ov)
                     _finite(out, name, task.unit, [ref])
                     acc += _stats_update(orig, out, labels)
                 task.stats.append(acc)
                 advance(1)
             on_done(task, base)
         return
-    first = pipe.validate(pipe.input(data.images[:batch_size]), f"model {name!r}")
-    check_label_coverage(first[0].shape[-1], data, f"model {name!r}")
+    x0, y0 = _first_batch(data, pipe.device)
+    logits0, cache0 = pipe.validate(pipe.input(x0), what)
+    data.check_outputs(logits0.shape[-1], what)
+    check_batch_labels(logits0.shape[-1], y0, what, data.describe())
     starts = {t.unit.name: min(pipe.stage_of(n) for n in t.unit.params) for t in tasks}  # type: ignore[type-var]
     split = {t.unit.name: [pipe.split(ov) for ov in t.overrides] for t in tasks}
-    traces = _Traces(pipe, data, set(starts.values()), batch_size, max_bytes, first)
+    traces = _Traces(pipe, data, set(starts.values()), max_bytes, (logits0, y0, cache0), what, x0)
     for task in tasks:
         task.stats = [torch.zeros(6, dtype=torch.float64) for _ in task.refs]
-    base_stats = []
-    n_chunks = len(traces.chunks)
-    for j in range(n_chunks):
-        chunk = traces.chunk(j)
+    correct = labelled = 0
+    total = data.known_len()
+    for chunk, last in traces.chunks():
         for logits, labels, _ in chunk:
-            check_finite(logits, what=f"the original logits of model {name!r}", hint="the model itself produces NaN/inf")
-            base_stats.append((logits, labels))
+            correct += int(((logits.argmax(-1) == labels) & (labels >= 0)).sum())
+            labelled += int((labels >= 0).sum())
+        base = correct / labelled if labelled else math.nan
+        share = sum(t[1].shape[0] for t in chunk) / total if total else float(last)
         for task in tasks:
             start = starts[task.unit.name]
             for lo, hi in _groups(task):
@@ -754,9 +760,9 @@ def _evaluate(
                     _finite(out, name, task.unit, task.refs[lo:hi])
                     for k, part in enumerate(out.split(logits.shape[0])):
                         task.stats[lo + k] += _stats_update(logits, part, labels)
-            advance(len(task.refs) / n_chunks)
-            if j == n_chunks - 1:
-                on_done(task, _base_accuracy(base_stats))
+            advance(len(task.refs) * share)
+            if last:
+                on_done(task, base)
 
 
 def _base_accuracy(batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
@@ -805,7 +811,7 @@ def _progress(total: int, enabled: bool, desc: str):
 
 def criticality(
     models: ModelLike | Sequence[ModelLike] | Mapping[str, ModelLike],
-    data: ImageData | str = "digits",
+    data: DataLike = "digits",
     *,
     layers: Sequence[str] | None = None,
     trials: int = 3,
@@ -817,19 +823,25 @@ def criticality(
     split: str = "test",
     seed: int = 0,
     batch_size: int = 128,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     amp: bool | None = None,
     channels_last: bool | None = None,
     naive: bool = False,
     store: Store | str | Path | None = None,
     progress: bool = False,
     cache_mb: int = 2048,
+    fresh: Callable[[], nn.Module] | Mapping[str, Callable[[], nn.Module]] | None = None,
 ) -> pd.DataFrame:
     """Layer criticality of one model or a zoo: one row per (model, layer, mode, epoch, trial).
 
     Args:
         models: a spec (``timm:resnet18``), a model, a list of them, or ``{name: spec or model}`` (zoo sweep).
-        data: a data spec (``digits``) or an :class:`ImageData`; ``images``/``seed`` pick a fixed subset.
+        data: a data spec (``digits``), an :class:`ImageData`, a tensor, an ``(images, labels)`` pair of tensors or
+            arrays, a torch ``Dataset`` or a ``DataLoader`` (:func:`layerlab.data.as_batches`). Spec data is fed in
+            [0, 1] (the model wrapper normalises); the user's own images as given (only uint8 is divided by 255).
+            ``images``/``seed`` pick a fixed seeded subset of indexable data; of a DataLoader ``images=N`` takes the
+            first N images it yields, and its batches are its own (``batch_size`` does not apply). Data that does
+            not fit the cache (``cache_mb``) is streamed: a DataLoader is read once per chunk, never held whole.
         layers: layer names or labels (block names with ``units="blocks"``); default all.
         trials: fresh instances per layer in ``randomize`` mode; trial t is built under
             ``derive_seed("criticality/fresh", seed, t)`` (column ``draw_seed``), never under a training seed.
@@ -839,31 +851,43 @@ def criticality(
             never recomputed.
         naive: run the reference implementation (full forward per layer and trial) instead of the cached one.
         cache_mb: memory for the cached stage inputs; beyond it images are processed in chunks.
+        fresh: where ``randomize`` draws fresh instances: a zero-argument callable returning a new, untrained
+            instance of the architecture (the paper's "fresh instance"), or ``{model name: callable}`` for a zoo.
+            Without it: the model's spec or layerlab checkpoint, else its timm/torchvision constructor when that
+            rebuilds it exactly, else each layer's own ``reset_parameters()`` (with a warning);
+            :func:`layerlab.models.fresh_source`. Every source draws trial t under ``draw_seed``.
 
-    Columns: model, layer, label, kind, index, units, mode, epoch, trial, seed, draw_seed, similarity, criticality (%),
-    agreement, accuracy, kl, base_accuracy, images. ``table.attrs`` holds the image indices.
+    Columns: model, layer, label, kind, index, units, mode, epoch, trial, seed, draw_seed, fresh_source (where trial
+    t's fresh weights came from: callable, spec, timm, torchvision or reset_parameters; empty for reinit/checkpoint),
+    similarity, criticality (%), agreement, accuracy, kl, base_accuracy, images. ``table.attrs`` holds the image
+    indices and, under ``"fresh"``, each model's fresh-instance source in words.
     """
     if not isinstance(trials, int) or trials < 1:
         raise LayerlabError(f"trials must be a positive integer (the paper uses 3), got {trials!r}")
     if batch_size < 1:
         raise LayerlabError(f"batch_size must be positive, got {batch_size}")
     modes = _modes(mode)
-    dev = _device(device)
+    named = _named_models(models)
+    dev = _device(device, named)
     amp = dev.type == "cuda" if amp is None else amp
     channels_last = dev.type == "cuda" if channels_last is None else channels_last
-    named = _named_models(models)
-    data = _as_data(data, split, images, seed)
+    if isinstance(fresh, Mapping) and (unknown := sorted(set(fresh) - set(named))):
+        raise LayerlabError(f"fresh= names models that are not analysed: {unknown}; the models are {list(named)}")
+    data = as_batches(data, batch_size, images=images, seed=seed, split=split)
     epochs = [checkpoint] if isinstance(checkpoint, int) else checkpoint
     st = Store(store) if isinstance(store, (str, Path)) else store
-    job = _Job(data=data, data_key=_data_fingerprint(data), units=units, layers=layers, store=st,
-               precision="bf16" if amp else "fp32")
+    job = _Job(data=data, data_key=data.fingerprint() if st is not None else "", units=units, layers=layers,
+               store=st, precision="bf16" if amp else "fp32")
     rows: list[dict[str, Any]] = []
+    sources: dict[str, str] = {}
     bar = _progress(0, progress, "criticality")
     try:
         for name, spec in named.items():
             model = load_model(spec) if isinstance(spec, str) else spec
             run_dir = _run_for(name, run, len(named))
             refs = _references(modes, trials, seed, run_dir, epochs)
+            if "randomize" in modes:
+                sources[name] = str(_bind_fresh(job.references, name, model, _fresh_for(name, fresh, len(named))))
             rows += _criticality_model(job, name, model, refs, run_dir, bar, dev=dev, amp=amp,
                                        channels_last=channels_last, naive=naive, batch_size=batch_size,
                                        max_bytes=cache_mb * 2**20)
@@ -878,15 +902,41 @@ def criticality(
         .drop(columns=["_m", "_o"])
         .reset_index(drop=True)
     )
-    table.attrs = {"data": data.spec, "split": data.split, "indices": data.indices.tolist()}
+    table.attrs = {"data": data.spec, "split": data.split, "indices": data.indices.tolist(), "fresh": sources}
     return table
+
+
+def _fresh_for(
+    name: str, fresh: Callable[[], nn.Module] | Mapping[str, Callable[[], nn.Module]] | None, n_models: int
+) -> Callable[[], nn.Module] | None:
+    if fresh is None or not isinstance(fresh, Mapping):
+        if fresh is not None and n_models > 1:
+            raise LayerlabError("one fresh= callable cannot serve several models; pass fresh={model name: callable}")
+        return fresh
+    return fresh.get(name)
+
+
+def _bind_fresh(
+    cache: _ReferenceCache, name: str, model: nn.Module, fresh: Callable[[], nn.Module] | None
+) -> FreshSource:
+    """The model's fresh-instance source; the last resort (each layer's reset_parameters) warns in one line."""
+    source = cache.bind(model, fresh)
+    if source.kind == "reset_parameters":
+        warnings.warn(
+            f"criticality: no constructor is known for model {name!r} ({type(model).__name__}: no fresh=, spec or "
+            "exactly rebuildable timm/torchvision model), so each layer is re-drawn by its own reset_parameters() "
+            "(PyTorch's default init, not necessarily the architecture's); pass fresh=lambda: "
+            f"{type(model).__name__}(...) to draw fresh instances of the architecture",
+            stacklevel=3,
+        )
+    return source
 
 
 @dataclass
 class _Job:
     """What every (model, unit, reference) job of one criticality() call shares."""
 
-    data: ImageData
+    data: Batches
     data_key: str
     units: str
     layers: Sequence[str] | None
@@ -908,19 +958,23 @@ def _criticality_model(
     us = units_of(model, job.units, job.layers)
     weights = _fingerprint(model)
     st, data = job.store, job.data
-    indices = data.indices.tolist()
+
+    source = job.references.bind(model) if any(r.mode == "randomize" for r in refs) else None
 
     def config(u: Unit, r: Reference) -> dict[str, Any]:
-        return {"version": VERSION, "weights": weights, "data": job.data_key, "images": len(data),
-                "units": job.units, "layer": u.name, "precision": job.precision, **r.config()}
+        cfg = {"version": VERSION, "weights": weights, "data": job.data_key, "images": len(data),
+               "units": job.units, "layer": u.name, "precision": job.precision, **r.config()}
+        if r.mode == "randomize" and source is not None and source.kind != "spec":
+            # a spec's draws are a function of (spec, draw_seed); other sources are keyed by the weights they drew
+            cfg["fresh"] = f"{source.kind}:{job.references.digest(model, r)}"
+        return cfg
 
     rows: list[dict[str, Any]] = []
     pending: dict[str, list[Reference]] = {}
     for u in us:
         for r in refs:
-            key = job_key(name, ANALYSIS, config(u, r))
-            if st is not None and st.has(ANALYSIS, key):
-                rows.extend(st.read_shard(ANALYSIS, key).to_dict("records"))
+            if st is not None and st.has(ANALYSIS, job_key(name, ANALYSIS, config(u, r))):
+                rows.extend(st.read_shard(ANALYSIS, job_key(name, ANALYSIS, config(u, r))).to_dict("records"))
             else:
                 pending.setdefault(u.name, []).append(r)
     bar.total += len(us) * len(refs)
@@ -941,12 +995,13 @@ def _criticality_model(
             row = {
                 "model": name, "layer": task.unit.name, "label": task.unit.label, "kind": task.unit.kind,
                 "index": task.unit.index, "units": job.units, "mode": r.mode, "epoch": r.epoch, "trial": r.trial,
-                "seed": r.seed, "draw_seed": r.draw_seed, **_stats_compute(stats), "base_accuracy": base,
-                "images": len(data),
+                "seed": r.seed, "draw_seed": r.draw_seed,
+                "fresh_source": source.kind if r.mode == "randomize" and source is not None else None,
+                **_stats_compute(stats), "base_accuracy": base, "images": len(data),
             }
             if st is not None:
                 cfg = config(task.unit, r)
-                meta = {"model": name, "config": cfg, "indices": indices}
+                meta = {"model": name, "config": cfg, "indices": data.indices.tolist()}
                 st.write(ANALYSIS, job_key(name, ANALYSIS, cfg), _rows_frame([row]), meta)
             rows.append(row)
 
@@ -1003,9 +1058,9 @@ def _warn_if_not_fresh(model: nn.Module, refs: Sequence[Reference], cache: _Refe
     a, b = cache.get(model, fresh[0]), cache.get(model, fresh[1])
     if all(torch.equal(a[k], b[k]) for k in a):
         warnings.warn(
-            f"fresh instances of {getattr(model, 'layerlab_arch', '?')!r} for trials {fresh[0].trial} and "
-            f"{fresh[1].trial} are identical: this architecture spec loads fixed weights instead of initialising; "
-            "load the model through a timm:/torchvision: spec or a layerlab checkpoint",
+            f"fresh instances of {str(cache.bind(model))!r} for trials {fresh[0].trial} and {fresh[1].trial} are "
+            "identical: this source loads fixed weights instead of initialising (or ignores torch's RNG); load the "
+            "model through a timm:/torchvision: spec or a layerlab checkpoint, or pass fresh=lambda: <new instance>",
             stacklevel=3,
         )
 
@@ -1028,7 +1083,7 @@ def _noise(unit: Unit, model: nn.Module, draws: int, seed: int, position: int) -
 
 def module_criticality(
     models: ModelLike | Sequence[ModelLike] | Mapping[str, ModelLike],
-    data: ImageData | str = "digits",
+    data: DataLike = "digits",
     *,
     run: str | Path | Mapping[str, str | Path] | None = None,
     layers: Sequence[str] | None = None,
@@ -1042,7 +1097,7 @@ def module_criticality(
     rtol: float = SIGMA_RTOL,
     seed: int = 0,
     batch_size: int = 128,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     store: Store | str | Path | None = None,
     progress: bool = False,
     cache_mb: int = 2048,
@@ -1070,12 +1125,11 @@ def module_criticality(
         raise LayerlabError(f"grid must be >= 2, draws >= 1 and eps_factor > 0; got {grid}, {draws}, {eps_factor}")
     if not 0 < sigma_min < 1 or not 0 < rtol < 1:
         raise LayerlabError(f"sigma_min and rtol must lie in (0, 1); got {sigma_min}, {rtol}")
-    dev = _device(device)
     named = _named_models(models)
-    data = _as_data(data, split, images, seed)
+    dev = _device(device, named)
+    data = as_batches(data, batch_size, images=images, seed=seed, split=split)
     st = Store(store) if isinstance(store, (str, Path)) else store
-    data_key = _data_fingerprint(data)
-    indices = data.indices.tolist()
+    data_key = data.fingerprint() if st is not None else ""
     rows: list[dict[str, Any]] = []
     bar = _progress(0, progress, "module criticality")
     try:
@@ -1094,7 +1148,8 @@ def module_criticality(
             weights = _fingerprint(model)
             init = Reference("reinit", 0, epoch=0, path=init_path)
             cfg_base = {
-                "version": VERSION, "weights": weights, "data": data_key, "images": len(data), "units": units,
+                "version": VERSION, "weights": weights, "data": data_key,
+                "images": len(data) if st is not None else None, "units": units,
                 "grid": grid, "draws": draws, "eps_factor": eps_factor, "sigma_min": sigma_min, "rtol": rtol,
                 "seed": seed, **init.config(),
             }
@@ -1112,10 +1167,11 @@ def module_criticality(
             theta0 = _ReferenceCache().get(model, init)
             pipe = Pipeline(model, dev, amp=False, channels_last=False)
             with _eval_mode(model):
-                first = pipe.validate(pipe.input(data.images[:batch_size]), f"model {name!r}")
-                check_label_coverage(first[0].shape[-1], data, f"model {name!r}")
+                x0, y0 = _first_batch(data, pipe.device)
+                logits0, cache0 = pipe.validate(pipe.input(x0), f"model {name!r}")
+                data.check_outputs(logits0.shape[-1], f"model {name!r}")
                 keep = {min(pipe.stage_of(p) for p in u.params) for u in todo}  # type: ignore[type-var]
-                traces = _Traces(pipe, data, keep, batch_size, cache_mb * 2**20, first)
+                traces = _Traces(pipe, data, keep, cache_mb * 2**20, (logits0, y0, cache0), f"model {name!r}", x0)
                 loss = _trained_loss(traces)
                 check_finite(torch.tensor(loss), what=f"the loss of model {name!r}",
                              hint="the model itself produces NaN/inf")
@@ -1127,7 +1183,7 @@ def module_criticality(
                     if st is not None:
                         cfg = {**cfg_base, "layer": u.name}
                         st.write(MODULE_ANALYSIS, job_key(name, MODULE_ANALYSIS, cfg), pd.DataFrame([row]),
-                                 {"model": name, "config": cfg, "indices": indices})
+                                 {"model": name, "config": cfg, "indices": data.indices.tolist()})
                     rows.append(row)
                     bar.update(1)
     finally:
@@ -1138,14 +1194,17 @@ def module_criticality(
         table.assign(_m=table["model"].map(order)).sort_values(["_m", "index"], kind="stable")
         .drop(columns="_m").reset_index(drop=True)
     )
-    table.attrs = {"data": data.spec, "split": data.split, "indices": indices}
+    table.attrs = {"data": data.spec, "split": data.split, "indices": data.indices.tolist()}
     return table
 
 
 def _trained_loss(traces: _Traces) -> float:
     total, n = 0.0, 0
-    for j in range(len(traces.chunks)):
-        for logits, labels, _ in traces.chunk(j):
+    for chunk, _ in traces.chunks():
+        for logits, labels, _ in chunk:
+            if bool((labels < 0).any()):
+                raise DataError(f"module criticality needs labelled images (it measures the loss), but "
+                                f"{traces.data.describe()} has images without a label; pass (images, labels)")
             total += float(F.cross_entropy(logits.double(), labels, reduction="sum"))
             n += labels.shape[0]
     return total / n
@@ -1250,11 +1309,12 @@ def _expected_loss(
     Cross-entropy is non-negative, so the running sum only grows: once it passes ``limit`` (epsilon) times the
     number of terms the point is infeasible and the rest of the images are skipped (returns inf; exact).
     """
-    n_images = len(traces.data)
+    n_images = traces.n_images
+    assert n_images is not None  # _trained_loss made the first full pass
     budget = limit * n_images * len(variants)
     total = 0.0
-    for j in range(len(traces.chunks)):
-        for logits, labels, cache in traces.chunk(j):
+    for chunk, _ in traces.chunks():
+        for logits, labels, cache in chunk:
             for lo in range(0, len(variants), MAX_STACK):
                 out = pipe.resume(start, cache[start], variants[lo : lo + MAX_STACK])
                 reps = out.shape[0] // labels.shape[0]

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import runtime
 from .errors import LayerlabError, ShapeError, check_images
 
 __all__ = ["Extractor", "as_input", "forward_until", "iter_features"]
@@ -38,7 +39,7 @@ def _resolve(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
             hint = f"closest valid names: {', '.join(repr(c) for c in close)}; " if close else ""
             raise LayerlabError(
                 f"unknown layer {name!r} in {type(model).__name__}; {hint}list the learnable layers with "
-                "[l.name for l in layerlab.layers(model)] or every module with [n for n, _ in model.named_modules()]"
+                "[l.name for l in layerlab.list_layers(model)] or every module with [n for n, _ in model.named_modules()]"
             )
         out[name] = modules[name]
     return out
@@ -217,14 +218,6 @@ def as_input(batch: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
     return batch
 
 
-def _model_device(model: nn.Module) -> torch.device | None:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return None
-
-
 def iter_features(
     model: nn.Module,
     layers: Sequence[str],
@@ -256,8 +249,8 @@ def iter_features(
         raise ShapeError(f"data: {len(images)} images but {len(data[1])} labels; pass matching (images, labels)")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise LayerlabError(f"batch_size: expected a positive integer, got {batch_size!r}")
-    model_device = _model_device(model)
-    device = torch.device(device) if device is not None else (model_device or images.device)
+    model_device = runtime.model_device(model)
+    device = runtime.resolve_device(device) if device is not None else (model_device or images.device)
     if model_device is not None and model_device.type != device.type:
         raise LayerlabError(
             f"iter_features: the model is on {model_device} but device={device}; call model.to({str(device)!r}) "

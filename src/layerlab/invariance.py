@@ -62,8 +62,9 @@ from .data import ImageData, load_data, subset_rows
 from .demo import DemoContext, step
 from .errors import DataError, LayerlabError, NonFiniteError, ShapeError, check_images
 from .features import forward_until, iter_features
-from .layers import display_label, layers as learnable_layers
+from .layers import display_label, list_layers as learnable_layers
 from .models import load_model
+from .runtime import resolve_device
 from .seeds import generator
 from .similarity import cka_from_grams, gram_linear
 from .store import Store, atomic_write, job_key
@@ -86,7 +87,7 @@ __all__ = [
 ANALYSIS = "invariance"
 INVERSIONS = "invariance-inversions"
 SUMMARY = "invariance-summary"
-DEFAULT_IMAGES = 128  # n_images="auto": this many, or all when the data holds fewer
+DEFAULT_IMAGES = 128  # images="auto": this many, or all when the data holds fewer
 VERSION = 2  # bump when the numbers change; old shards and cached inversions are then recomputed
 # 2: inversion starts and image subsets from purpose streams (layerlab.seeds)
 ESTIMATORS = ("biased", "unbiased")
@@ -186,21 +187,10 @@ def _check_input_images(images: Any, name: str = "images") -> torch.Tensor:
     return images
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
 def _device(model: nn.Module, device: str | torch.device | None) -> torch.device:
-    have = _model_device(model)
-    if device is None:
-        return have
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LayerlabError(f"device {str(device)!r} asked for, but CUDA is not available here; use --device cpu")
+    """The model's own device (:func:`layerlab.runtime.resolve_device`); a different ``device`` is an error."""
+    have = resolve_device(None, model)
+    dev = resolve_device(device, model)
     if dev.type != have.type:
         raise LayerlabError(
             f"the model is on {have} but device={dev}; move it first with model.to({str(dev)!r}) (layerlab never "
@@ -312,6 +302,12 @@ def invert(
 
     Returns:
         (inverted images [N, C, H, W] float32 on the CPU in [0, 1], final matching loss per image [N]).
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+        >>> x_inv, loss = invert(net, "0", torch.rand(8, 1, 8, 8), steps=20)
+        >>> x_inv.shape, loss.shape, 0.0 <= float(x_inv.min()) <= float(x_inv.max()) <= 1.0
+        (torch.Size([8, 1, 8, 8]), torch.Size([8]), True)
     """
     _check_input_images(images)
     steps = _positive_int(steps, "steps", minimum=0)
@@ -489,34 +485,34 @@ class InversionCache:
 # ================================================================================================ the grid
 
 
-def _as_images(data: DataLike, n_images: int | str | None, seed: int, split: str) -> tuple[torch.Tensor, list[int], str]:
+def _as_images(data: DataLike, images: int | str | None, seed: int, split: str) -> tuple[torch.Tensor, list[int], str]:
     """(float images [N, C, H, W] in [0, 1], source indices, description) of a fixed seeded subset.
 
-    ``n_images="auto"``: DEFAULT_IMAGES, or every image when the data holds fewer; an explicit number larger
+    ``images="auto"``: DEFAULT_IMAGES, or every image when the data holds fewer; an explicit number larger
     than the data is an error (never silently fewer)."""
-    if n_images == "auto":
+    if images == "auto":
         try:
             return _as_images(data, DEFAULT_IMAGES, seed, split)
         except DataError:
             return _as_images(data, None, seed, split)
     if isinstance(data, str):
-        d = load_data(data, split, n=n_images, seed=seed)
+        d = load_data(data, split, n=images, seed=seed)
         return d.float(), d.indices.tolist(), f"{data} [{split}]"
     if isinstance(data, ImageData):
-        d = data.sample(n_images, seed)  # the same seeded choice load_data makes; too many is an error
+        d = data.sample(images, seed)  # the same seeded choice load_data makes; too many is an error
         return d.float(), d.indices.tolist(), f"{data.spec or 'in-memory'} [{data.split}]"
     if isinstance(data, torch.Tensor):
         x = _check_input_images(data, "data")
-        rows = subset_rows(x.shape[0], n_images, seed, "the image tensor")
+        rows = subset_rows(x.shape[0], images, seed, "the image tensor")
         return x[rows].detach().float().cpu(), rows.tolist(), "tensor"
     raise LayerlabError(
         f"data: expected a data spec such as 'digits', an ImageData or a float image tensor, got {type(data).__name__}"
     )
 
 
-def grid_images(data: DataLike, n_images: int | str | None = "auto", seed: int = 0, split: str = "test") -> torch.Tensor:
+def grid_images(data: DataLike, images: int | str | None = "auto", seed: int = 0, split: str = "test") -> torch.Tensor:
     """The images :func:`invariance_grid` uses for these arguments: float [N, C, H, W] in [0, 1] (for figures)."""
-    return _as_images(data, n_images, seed, split)[0]
+    return _as_images(data, images, seed, split)[0]
 
 
 def as_model_spec(path_or_spec: str | Path) -> str:
@@ -534,7 +530,7 @@ def _models(pretrained: ModelLike, finetuned: ModelLike, scratch: ModelLike | No
         if m is None:
             continue
         if isinstance(m, (str, Path)):
-            m = load_model(as_model_spec(m), device=device or "cpu")
+            m = load_model(as_model_spec(m), device=resolve_device(device))
         if not isinstance(m, nn.Module):
             raise LayerlabError(f"{role}: expected a model spec (file:PATH, timm:...) or an nn.Module, got {type(m).__name__}")
         named[role] = m
@@ -554,7 +550,7 @@ def invariance_grid(
     data: DataLike = "digits",
     *,
     layers: Sequence[str] | None = None,
-    n_images: int | str | None = "auto",
+    images: int | str | None = "auto",
     steps: int = 500,
     step_size: float = 0.5,
     seed: int = 0,
@@ -576,7 +572,7 @@ def invariance_grid(
 
     Args:
         pretrained, finetuned, scratch: models or specs (``file:run/final.pt``; a bare path means ``file:``).
-        data: a data spec, an ImageData or float images [N, C, H, W] in [0, 1]; ``n_images`` picks a fixed
+        data: a data spec, an ImageData or float images [N, C, H, W] in [0, 1]; ``images`` picks a fixed
             seeded subset (``seed``) of ``split``: ``"auto"`` (default) 128 images or all when fewer, ``None`` all.
         layers: module paths or labels, the same in every model; default :func:`default_layers` of ``pretrained``.
         steps, step_size, seed: the inversion (:func:`invert`).
@@ -591,18 +587,27 @@ def invariance_grid(
         eval_layer, eval_label, eval_index, pair, metric, value, estimator, images, steps, step_size, seed);
         inversion rows (model, layer, label, index, loss_mean, loss_median, loss_p90, loss_max, initial_loss_mean,
         steps, step_size, seed, images, key); and :func:`summarize`'s table. ``attrs`` hold the image indices.
+
+    Example (two tiny models, 8 images, 2 inversion steps):
+        >>> def net():
+        ...     return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+        >>> res = invariance_grid(net(), net(), data=torch.rand(8, 1, 8, 8), layers=["0", "3"], steps=2)
+        >>> sorted(res), res["grid"].shape, sorted(set(res["grid"]["metric"]))
+        (['grid', 'inversions', 'summary'], (48, 16), ['cka', 'noise', 'stir'])
+        >>> res["summary"][["label", "retention", "noise"]].shape
+        (2, 3)
     """
     steps = _positive_int(steps, "steps", minimum=0)
     batch_size = _positive_int(batch_size, "batch_size")
-    if n_images not in (None, "auto"):
-        n_images = _positive_int(n_images, "n_images", minimum=4 if estimator == "unbiased" else 2)
+    if images not in (None, "auto"):
+        images = _positive_int(images, "images", minimum=4 if estimator == "unbiased" else 2)
     estimator = _check_estimator(estimator)
     models = _models(pretrained, finetuned, scratch, device)
     names = _layer_names(models["pretrained"], layers)
     for role, m in models.items():
         _layer_names(m, names)  # every model must have the layers
     devices = {role: _device(m, device) for role, m in models.items()}
-    X, indices, described = _as_images(data, n_images, seed, split)
+    X, indices, described = _as_images(data, images, seed, split)
     _check_input_images(X, "data")
     for role, m in models.items():
         with _frozen(m):
@@ -835,7 +840,7 @@ def _demo(ctx: DemoContext) -> None:
     sc = train(DEMO_ARCH, f"{DEMO_DATA}&classes=5-9", recipe("baseline", epochs=10), root / "scratch", **kw)
     data = f"{DEMO_DATA}&classes=5-9"
     cache = InversionCache(ctx.out / "cache" / "inversions")
-    res = invariance_grid(pt / "final.pt", ft / "final.pt", sc / "final.pt", data, layers=DEMO_LAYERS, n_images=128,
+    res = invariance_grid(pt / "final.pt", ft / "final.pt", sc / "final.pt", data, layers=DEMO_LAYERS, images=128,
                           steps=100, cache=cache, store=ctx.store, device=ctx.device, progress=ctx.progress)
     save_all(res, ctx.out / "figures" / "invariance", originals=grid_images(data, 128)[:6],
              examples=example_inversions(cache, res["inversions"], k=6))

@@ -64,11 +64,15 @@ def _forward_order(model: nn.Module, names: list[str], sample: torch.Tensor | No
     return seen + [n for n in names if n not in seen]
 
 
-def layers(model: nn.Module, sample: torch.Tensor | None = None) -> list[LayerInfo]:
+def list_layers(model: nn.Module, sample: torch.Tensor | None = None) -> list[LayerInfo]:
     """The learnable Conv2d/Linear layers of ``model`` with stable names and ResNet-style labels.
 
     Order is module-registration order, which is forward order for timm/torchvision ResNets and ViTs; pass a
     ``sample`` batch to order by an actual forward pass instead (for models that register out of order).
+
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+    >>> [(i.name, i.kind, i.params) for i in list_layers(net)]
+    [('0', 'Conv2d', 224), ('3', 'Linear', 2890)]
     """
     names = [n for n, m in model.named_modules() if isinstance(m, LEARNABLE) and n]
     names = _forward_order(model, names, sample)
@@ -87,7 +91,7 @@ def layers(model: nn.Module, sample: torch.Tensor | None = None) -> list[LayerIn
 
 def resolve_layers(model: nn.Module, requested: list[str] | None) -> list[LayerInfo]:
     """The requested layers (by name or label), or all of them; unknown names raise with close matches."""
-    infos = layers(model)
+    infos = list_layers(model)
     if not requested:
         return infos
     return pick_by_name(
@@ -119,7 +123,7 @@ def residual_blocks(model: nn.Module) -> dict[str, list[str]]:
     Used for Zhang et al.'s block-level resets (``--units blocks``).
     """
     groups: dict[str, list[str]] = {}
-    for info in layers(model):
+    for info in list_layers(model):
         inner = info.name[4:] if info.name.startswith("net.") else info.name
         prefix = info.name[: len(info.name) - len(inner)]
         if m := _RESNET_BLOCK.search(inner):

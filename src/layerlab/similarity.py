@@ -343,6 +343,10 @@ def rbf_cka(
     """RBF-kernel CKA of x [n, ...] and y [n, ...], bandwidth ``sigma`` x the median pairwise distance (float64).
 
     Kornblith et al. (2019). CKA(X, X) = 1; invariant to orthogonal transforms and isotropic scaling.
+
+    >>> x = torch.randn(32, 5)
+    >>> round(rbf_cka(x, 2.0 * x), 6)
+    1.0
     """
     x, y = _check_features(x, "x"), _check_features(y, "y")
     _check_pair(x, y)

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from layerlab.errors import LayerlabError, ShapeError
+from layerlab.runtime import resolve_device
 
 __all__ = ["TrAct", "apply", "remove", "tract_gradient"]
 
@@ -389,7 +390,7 @@ def _probe_input(model: nn.Module) -> Tensor:
             break
     chans = next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), 3)
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
-    device = param.device if param is not None else torch.device("cpu")
+    device = resolve_device(None, model)  # where the model is: layerlab never moves a model
     dtype = param.dtype if param is not None else torch.float32
     return torch.randn(2, chans, *size, device=device, dtype=dtype)
 

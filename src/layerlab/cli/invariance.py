@@ -53,7 +53,7 @@ def register(app: typer.Typer) -> None:
         models = [load_model(as_model_spec(s), device=device) if s else None for s in (pretrained, finetuned, scratch)]
         store = Store(out)
         cache = InversionCache(out / "cache" / "inversions")
-        res = invariance_grid(*models, data=data, layers=names, n_images=images or "auto", steps=steps, step_size=step_size,
+        res = invariance_grid(*models, data=data, layers=names, images=images or "auto", steps=steps, step_size=step_size,
                               seed=seed, split=split, estimator=estimator, batch_size=batch_size, device=device,
                               cache=cache, store=store, progress=True)
         originals, shown = None, None

@@ -145,6 +145,6 @@ def register(app: typer.Typer) -> None:
         """List a model's learnable Conv2d/Linear layers: the names and labels every analysis uses."""
         import pandas as pd
 
-        from .. import layers, load_model
+        from .. import list_layers, load_model
 
-        print_frame(pd.DataFrame([vars(i) for i in layers(load_model(spec))]), spec)
+        print_frame(pd.DataFrame([vars(i) for i in list_layers(load_model(spec))]), spec)

@@ -21,6 +21,7 @@ from .. import runs
 from ..data import ImageData, check_label_coverage, load_data, to_unit_float
 from ..errors import DataError, LayerlabError, NonFiniteError
 from ..models import load_model, num_outputs, save_checkpoint
+from ..runtime import resolve_device
 from ..seeds import derive_seed, generator, global_seed
 from ..store import atomic_write, atomic_write_text
 from .adversarial import pgd
@@ -128,15 +129,17 @@ def _lr_lambda(r: Recipe, steps_per_epoch: int):
 
 
 def train(arch: str, data: str, recipe: Recipe, out: str | Path, *, seed: int = 0,
-          checkpoints: str | list[int] = "every", device: str = "cpu", train_n: int | None = None,
+          checkpoints: str | list[int] = "every", device: str | torch.device | None = "cpu", train_n: int | None = None,
           attrs: dict[str, Any] | None = None, progress: bool = True, trainable: str | None = None,
           init: str | None = None) -> Path:
     """Train ``arch`` on ``data`` with ``recipe`` into ``out``; returns ``out``. Deterministic under ``seed``.
 
     ``init`` starts from a checkpoint's weights (finetuning; the head is re-made when the class count differs);
-    ``trainable='head'`` trains only the last Linear layer (linear probing).
+    ``trainable='head'`` trains only the last Linear layer (linear probing). ``device``: ``"cpu"`` (default),
+    ``"cuda"``, ``"auto"`` or None (the CPU: there is no model yet), see :func:`layerlab.runtime.resolve_device`.
     """
     out = Path(out)
+    device = resolve_device(device)
     config = {"arch": arch, "data": data, "recipe": recipe.to_dict(), "seed": seed, "checkpoints": checkpoints,
               "train_n": train_n, "trainable": trainable, "init": init, "rng": RNG_STREAMS, "attrs": attrs or {}}
     if (out / "run.json").exists():
@@ -303,7 +306,7 @@ def _eval_model(model: nn.Module, ema) -> nn.Module:
     return m
 
 
-def _build(arch: str, num_classes: int, init: str | None, device: str) -> nn.Module:
+def _build(arch: str, num_classes: int, init: str | None, device: torch.device) -> nn.Module:
     model = load_model(arch, num_classes=num_classes, device=device)
     if init is None:
         return model

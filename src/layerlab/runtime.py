@@ -1,0 +1,62 @@
+"""The one device policy every analysis follows: where to compute, given a ``device=`` argument and a model.
+
+* ``None``: where the model already is (its first parameter, else its first buffer), or the CPU without a
+  model. layerlab never moves a model it was handed, so this is the default of every analysis.
+* ``"auto"``: CUDA when available, else the CPU.
+* anything ``torch.device`` accepts (``"cpu"``, ``"cuda"``, ``"cuda:1"``, a ``torch.device``): that device; CUDA
+  asked for where there is none is a :class:`LayerlabError`, not a crash deep inside a forward pass.
+
+>>> resolve_device(None)
+device(type='cpu')
+>>> resolve_device("cpu")
+device(type='cpu')
+>>> resolve_device(None, torch.nn.Linear(2, 2))
+device(type='cpu')
+>>> resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+True
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import LayerlabError
+
+__all__ = ["model_device", "resolve_device"]
+
+
+def model_device(model: nn.Module) -> torch.device | None:
+    """The device of ``model``'s first parameter (else first buffer); None for a model without tensors."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return None
+
+
+def resolve_device(device: str | torch.device | None, model: nn.Module | None = None) -> torch.device:
+    """The device to compute on under layerlab's device policy (module doc).
+
+    >>> resolve_device("nonsense")
+    Traceback (most recent call last):
+    ...
+    layerlab.errors.LayerlabError: device 'nonsense': not a device; use 'cpu', 'cuda', 'cuda:N' or 'auto'
+    """
+    if device is None:
+        return (model_device(model) if model is not None else None) or torch.device("cpu")
+    if isinstance(device, str) and device.strip().lower() == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise LayerlabError(f"device {device!r}: not a device; use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LayerlabError(f"device {str(device)!r} asked for, but CUDA is not available here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise LayerlabError(
+                f"device {str(device)!r} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise LayerlabError(f"device {str(device)!r} asked for, but MPS is not available here; use --device cpu")
+    return dev

@@ -1,0 +1,357 @@
+"""The structure of any image classifier, read from the model itself: its learnable layers with readable labels,
+its residual/transformer blocks, and the chain of stages its forward pass is made of (where it can be split).
+
+* Layers: every ``Conv2d`` and ``Linear`` (stems, patch embeddings, depthwise and pointwise convs, attention qkv and
+  projections, MLP fc1/fc2, downsample convs, heads) and the input projection of ``nn.MultiheadAttention``
+  (torchvision's ViT keeps qkv there, not in a Linear). Normalisation layers are never listed (criticality does
+  not randomise them: Gavrikov et al. 2024).
+* Blocks: timm models name them in their own ``group_matcher()`` (``blocks.3``, ``stages.1.blocks.2``,
+  ``layer3.1``, ``s2.b1``); every other model is walked: a block is a composite module (two or more learnable
+  layers, not itself a layer) that is an item of an ``nn.Sequential``/``nn.ModuleList``, innermost such, in a
+  container that is a list of blocks (not a plain sequence of layers with, say, a squeeze-excite module among them:
+  that SE module stays part of its block). Layers outside every block (stem, downsample between stages, head)
+  are units of their own.
+* Labels: a block is labelled by the integers of its path (``layer3.1`` -> ``[3.1]``, ``stages.1.blocks.2`` ->
+  ``[1.2]``, ``encoder.layers.encoder_layer_3`` -> ``[3]``), a layer inside a block by the block's label and its
+  path within the block (``[3.1] conv2``, ``[4] attn.qkv``), any other layer by its path (a ``Normalized``
+  wrapper's ``net.`` left out).
+* Stage chains (:func:`stage_chain`): plain ``nn.Sequential`` (recursively), timm/torchvision ResNets, timm ViT/DeiT
+  (patch embedding, each transformer block, head), timm ConvNeXt (stem, each stage's downsample and blocks, head),
+  timm EfficientNet/MobileNetV3 (stem, each block, head), torchvision ``features``/``avgpool``/``classifier``
+  models (EfficientNet, MobileNetV3, ConvNeXt, VGG) and the ``Normalized`` wrapper around any of them. A chain
+  is only a proposal: :class:`layerlab.criticality.Pipeline` checks it against the real forward before use.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .layers import LayerInfo
+
+#: modules whose own parameters are one learnable layer
+LAYER_TYPES = (nn.Conv2d, nn.Linear, nn.MultiheadAttention)
+CONTAINERS = (nn.Sequential, nn.ModuleList)
+
+
+def is_layer(m: nn.Module) -> bool:
+    """A learnable layer: a Conv2d or Linear, or a MultiheadAttention (its own in_proj parameters)."""
+    if isinstance(m, nn.MultiheadAttention):
+        return any(p is not None for p in m.parameters(recurse=False))
+    return isinstance(m, LAYER_TYPES)
+
+
+def layer_params(model: nn.Module, name: str) -> tuple[str, ...]:
+    """The full names of a layer's own parameters (weight and bias; a MultiheadAttention's in_proj ones)."""
+    module = model.get_submodule(name)
+    return tuple(f"{name}.{p}" for p, t in module.named_parameters(recurse=False) if t is not None)
+
+
+def _inner(name: str) -> str:
+    return name[4:] if name.startswith("net.") else name
+
+
+def _core(model: nn.Module) -> tuple[nn.Module, str]:
+    """The model inside a ``Normalized`` wrapper (and the prefix of its names), else the model itself."""
+    from .models import Normalized
+
+    return (model.net, "net.") if isinstance(model, Normalized) else (model, "")
+
+
+# ================================================================================================= blocks
+def find_blocks(model: nn.Module) -> list[str]:
+    """The paths of the model's residual/transformer blocks, in module order (see the module docstring)."""
+    core, prefix = _core(model)
+    found = _timm_blocks(core)
+    if found is None:
+        found = _walk(core, "", item=False)
+    return [prefix + b for b in found]
+
+
+def _count(m: nn.Module) -> int:
+    return sum(1 for x in m.modules() if is_layer(x))
+
+
+def _walk(m: nn.Module, path: str, item: bool) -> list[str]:
+    """Innermost composite modules that are items of a block list (a container of blocks)."""
+    if is_layer(m):
+        return []
+    children = list(m.named_children())
+    is_container = isinstance(m, CONTAINERS)
+    inner: list[str] = []
+    for name, child in children:
+        inner += _walk(child, f"{path}.{name}" if path else name, item=is_container and _is_block_list(m))
+    if inner:
+        return inner
+    if item and _count(m) >= 2:
+        return [path]
+    return []
+
+
+def _is_block_list(container: nn.Module) -> bool:
+    """Whether a container's composite items are blocks: every learnable layer it holds lies in a composite item
+    (a stage of blocks), or two or more of its items are composites of one class (blocks among a stem and a head,
+    as in a hand-written nn.Sequential). Not so for a sequence of layers with one composite among them (an MBConv's
+    conv, conv, squeeze-excite, conv): there the composite is part of the enclosing block."""
+    composite = [c for _, c in container.named_children() if not is_layer(c) and _count(c) >= 2]
+    loose = sum(_count(c) for _, c in container.named_children() if not (not is_layer(c) and _count(c) >= 2))
+    if not composite:
+        return False
+    if loose == 0:
+        return True
+    classes = [type(c) for c in composite]
+    return any(classes.count(t) >= 2 for t in set(classes))
+
+
+def _timm_blocks(core: nn.Module) -> list[str] | None:
+    """Blocks as a timm model's own ``group_matcher(coarse=False)`` names them, or None (not timm, or its matcher
+    does not name module paths)."""
+    matcher = getattr(core, "group_matcher", None)
+    if not callable(matcher) or not type(core).__module__.startswith("timm."):
+        return None
+    try:
+        spec = matcher(coarse=False).get("blocks")
+    except Exception:
+        return None
+    patterns = [spec] if isinstance(spec, str) else [p for p, _ in spec] if isinstance(spec, (list, tuple)) else []
+    if not patterns:
+        return None
+    compiled = [re.compile(p) for p in patterns]
+    modules = dict(core.named_modules())
+    found: dict[str, None] = {}
+    for name, m in core.named_modules():
+        if not name or not is_layer(m):
+            continue
+        for rx in compiled:
+            hit = rx.match(name + ".")
+            if hit:
+                key = hit.group(0).rstrip(".")
+                if key not in modules:
+                    return None  # the matcher names something other than module paths
+                if not is_layer(modules[key]) and _count(modules[key]) >= 2:
+                    found.setdefault(key)
+                break
+    return list(found) or None
+
+
+def _integers(path: str) -> list[str]:
+    return [m.group(1) for part in path.split(".") if (m := re.search(r"(\d+)$", part))]
+
+
+def block_label(path: str) -> str:
+    """``layer3.1`` -> ``[3.1]``, ``stages.1.blocks.2`` -> ``[1.2]``, ``blocks.4`` -> ``[4]``."""
+    ints = _integers(_inner(path))
+    return f"[{'.'.join(ints)}]" if ints else _inner(path)
+
+
+# ================================================================================================= layers
+def learnable_layers(model: nn.Module) -> list[LayerInfo]:
+    """Every learnable layer of ``model`` (module order), labelled from its block (see the module docstring)."""
+    blocks = find_blocks(model)
+    out = []
+    for name, m in model.named_modules():
+        if not name or not is_layer(m):
+            continue
+        owner = next((b for b in blocks if name.startswith(b + ".")), None)
+        label = f"{block_label(owner)} {name[len(owner) + 1:]}" if owner else _inner(name)
+        if isinstance(m, nn.MultiheadAttention):
+            label += " (in_proj)"
+        params = sum(p.numel() for p in m.parameters(recurse=False))
+        out.append(LayerInfo(index=len(out), name=name, label=label, kind=type(m).__name__, params=params))
+    return out
+
+
+def block_units(model: nn.Module) -> dict[str, list[str]]:
+    """Zhang et al.'s units: each block with its learnable layers, and every layer outside blocks on its own,
+    in the order of their first layer."""
+    blocks = find_blocks(model)
+    groups: dict[str, list[str]] = {}
+    for info in learnable_layers(model):
+        owner = next((b for b in blocks if info.name.startswith(b + ".")), None)
+        groups.setdefault(owner or info.name, []).append(info.name)
+    return groups
+
+
+# =========================================================================================== stage chains
+class _Call(nn.Module):
+    """A part of a model's forward written as a function of the model (``fn(model, x)``), callable through
+    ``functional_call`` with the model's parameters under ``owner.``."""
+
+    def __init__(self, owner: nn.Module, fn: Callable[[Any, torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.owner = owner
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(self.owner, x)
+
+
+@dataclass
+class Stage:
+    """One link of a model's forward chain: a submodule (``path``), a part of a model's own forward (``call``: a
+    function of the model at ``path`` that owns the parameters under the names in ``owned``), or parameter-free
+    glue (flatten, normalise)."""
+
+    path: str
+    kind: str = "module"  # "module" | "call" | "flatten" | "normalize"
+    module: nn.Module | None = None
+    owned: tuple[str, ...] = field(default_factory=tuple)
+
+    def _rel(self, name: str) -> str | None:
+        if self.path == "":
+            return name
+        if name == self.path:
+            return ""
+        return name[len(self.path) + 1 :] if name.startswith(self.path + ".") else None
+
+    def owns(self, name: str) -> bool:
+        """Whether the module at ``name`` (a layer or parameter path) lives inside this stage."""
+        if self.kind == "module":
+            return self._rel(name) is not None
+        if self.kind == "call":
+            rel = self._rel(name)
+            return rel is not None and any(rel == o or rel.startswith(o + ".") for o in self.owned)
+        return False
+
+    def key(self, name: str) -> str | None:
+        """The name the stage's module knows a parameter by (None when the parameter is not visible to it)."""
+        rel = self._rel(name)
+        if rel is None or rel == "":
+            return None
+        return "owner." + rel if self.kind == "call" else rel
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _is_plain_sequential(m: nn.Module) -> bool:
+    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+
+
+def _call(owner: nn.Module, path: str, fn: Callable[[Any, torch.Tensor], torch.Tensor], owned: tuple[str, ...]) -> Stage:
+    return Stage(path, "call", _Call(owner, fn), owned)
+
+
+def stage_chain(model: nn.Module) -> list[Stage]:
+    """The model as a chain of stages whose composition is its forward pass, or the whole model as one stage
+    (see the module docstring for the architectures understood; every chain is checked before use)."""
+    return _expand(model, "")
+
+
+def _expand(m: nn.Module, path: str) -> list[Stage]:
+    from .models import Normalized
+
+    if _is_plain_sequential(m):
+        return [s for name, child in m.named_children() for s in _expand(child, _join(path, name))]
+    if isinstance(m, Normalized):
+        return [Stage(path, "normalize", m), *_expand(m.net, _join(path, "net"))]
+    for chain in (_resnet_chain, _timm_vit_chain, _timm_convnext_chain, _timm_efficientnet_chain, _tv_features_chain):
+        try:
+            found = chain(m, path)
+        except Exception:  # a variant the builder does not know: leave it whole
+            found = None
+        if found is not None:
+            return found
+    return [Stage(path, "module", m)]
+
+
+def _seq(m: nn.Module, path: str) -> list[Stage]:
+    """``m`` expanded, with parameter-free identity modules left out."""
+    return [] if isinstance(m, nn.Identity) else _expand(m, path)
+
+
+def _resnet_chain(m: nn.Module, path: str) -> list[Stage] | None:
+    """timm / torchvision ResNet: stem modules, every residual block, global pool (+ flatten), fc."""
+    kids = dict(m.named_children())
+    act = next((a for a in ("act1", "relu") if a in kids), None)
+    pool = next((p for p in ("global_pool", "avgpool") if p in kids), None)
+    stages = sorted((int(k[5:]), k) for k in kids if re.fullmatch(r"layer\d+", k))
+    if act is None or pool is None or not stages or not {"conv1", "bn1", "maxpool", "fc"} <= kids.keys():
+        return None
+    if [i for i, _ in stages] != list(range(1, len(stages) + 1)):
+        return None
+    order = ["conv1", "bn1", act, "maxpool", *(k for _, k in stages), pool]
+    out = [s for k in order for s in _expand(kids[k], _join(path, k))]
+    if pool == "avgpool":  # torchvision: avgpool -> torch.flatten(x, 1) -> fc; timm's global_pool flattens
+        out.append(Stage(_join(path, "flatten"), "flatten"))
+    return out + _expand(kids["fc"], _join(path, "fc"))
+
+
+def _timm_class(m: nn.Module, module: str, name: str) -> bool:
+    return type(m).__module__.startswith("timm.") and any(
+        c.__module__ == f"timm.models.{module}" and c.__name__ == name for c in type(m).__mro__
+    )
+
+
+def _vit_prefix(m: Any, x: torch.Tensor) -> torch.Tensor:
+    return m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
+
+
+def _vit_suffix(m: Any, x: torch.Tensor) -> torch.Tensor:
+    return m.forward_head(m.norm(x))
+
+
+def _timm_vit_chain(m: nn.Module, path: str) -> list[Stage] | None:
+    """timm VisionTransformer (ViT, DeiT): patch embedding + position embedding, each block, norm + head."""
+    if not _timm_class(m, "vision_transformer", "VisionTransformer") or not _is_plain_sequential(m.blocks):
+        return None
+    first = ("patch_embed", "cls_token", "reg_token", "dist_token", "pos_embed", "pos_drop", "patch_drop", "norm_pre")
+    top = [n for n, _ in m.named_children()] + [n for n, _ in m.named_parameters(recurse=False)]
+    last = tuple(n for n in top if n not in first and n != "blocks")  # norm, fc_norm, head, head_dist, attn_pool ...
+    blocks = [Stage(_join(path, f"blocks.{i}"), "module", b) for i, b in enumerate(m.blocks)]
+    return [_call(m, path, _vit_prefix, first), *blocks, _call(m, path, _vit_suffix, last)]
+
+
+def _head(m: Any, x: torch.Tensor) -> torch.Tensor:
+    return m.forward_head(x)
+
+
+def _timm_convnext_chain(m: nn.Module, path: str) -> list[Stage] | None:
+    """timm ConvNeXt: stem, per stage its downsample and each block, norm_pre, head."""
+    if not _timm_class(m, "convnext", "ConvNeXt") or not _is_plain_sequential(m.stages):
+        return None
+    out = _seq(m.stem, _join(path, "stem"))
+    for i, stage in enumerate(m.stages):
+        if not _timm_class(stage, "convnext", "ConvNeXtStage") or not _is_plain_sequential(stage.blocks):
+            return None
+        sp = _join(path, f"stages.{i}")
+        out += _seq(stage.downsample, _join(sp, "downsample"))
+        out += [Stage(_join(sp, f"blocks.{j}"), "module", b) for j, b in enumerate(stage.blocks)]
+    out += _seq(m.norm_pre, _join(path, "norm_pre"))
+    return out + [_call(m, path, _head, ("head",))]
+
+
+def _timm_efficientnet_chain(m: nn.Module, path: str) -> list[Stage] | None:
+    """timm EfficientNet / MobileNetV3: conv_stem, bn1, each block of each stage, then the rest as the head."""
+    effnet = _timm_class(m, "efficientnet", "EfficientNet")
+    mobile = _timm_class(m, "mobilenetv3", "MobileNetV3")
+    if not (effnet or mobile) or not _is_plain_sequential(m.blocks):
+        return None
+    out = _seq(m.conv_stem, _join(path, "conv_stem")) + _seq(m.bn1, _join(path, "bn1"))
+    for i, stage in enumerate(m.blocks):
+        if not _is_plain_sequential(stage):
+            return None
+        out += [Stage(_join(path, f"blocks.{i}.{j}"), "module", b) for j, b in enumerate(stage)]
+    if effnet:
+        out += _seq(m.conv_head, _join(path, "conv_head")) + _seq(m.bn2, _join(path, "bn2"))
+        return out + [_call(m, path, _head, ("global_pool", "classifier"))]
+    return out + [_call(m, path, _head, ("global_pool", "conv_head", "norm_head", "act2", "flatten", "classifier"))]
+
+
+def _tv_features_chain(m: nn.Module, path: str) -> list[Stage] | None:
+    """torchvision ``features -> avgpool -> [flatten] -> classifier`` models (EfficientNet, MobileNetV3, ConvNeXt,
+    VGG): flatten only where the classifier does not flatten itself."""
+    if not type(m).__module__.startswith("torchvision.models"):
+        return None
+    kids = dict(m.named_children())
+    if set(kids) != {"features", "avgpool", "classifier"} or not _is_plain_sequential(kids["features"]):
+        return None
+    out = _expand(kids["features"], _join(path, "features")) + [Stage(_join(path, "avgpool"), "module", kids["avgpool"])]
+    classifier = kids["classifier"]
+    if not any(isinstance(c, nn.Flatten) for c in classifier.modules()):
+        out.append(Stage(_join(path, "flatten"), "flatten"))
+    return out + _expand(classifier, _join(path, "classifier"))
