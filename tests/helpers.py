@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 import textwrap
 from pathlib import Path
 
@@ -63,3 +64,17 @@ def assert_clean(out: Path, analysis: str, expected: int, *, temps_ok: bool = Fa
     for p in shards:
         assert len(pq.read_table(p)) >= 1
     assert temps_ok or not [p for p in files if p.name.endswith(".tmp")]
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """Run ``layerlab ARGS`` in-process through the entry point's ``main()``: (exit status, stdout, stderr)."""
+    from layerlab.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["layerlab", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err

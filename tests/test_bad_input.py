@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from helpers import run_cli
 
 from layerlab import runs
 from layerlab.data import ImageData, check_label_coverage, load_data, to_unit_float
@@ -22,16 +23,8 @@ ARCH = "timm:resnet18?channels=8,16,32,64"
 
 def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
     """Run ``layerlab ARGS`` in-process; (exit status, stdout + stderr)."""
-    from layerlab.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["layerlab", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out = capsys.readouterr()
-    return code, out.out + out.err
+    code, out, err = run_cli(monkeypatch, capsys, *args)
+    return code, out + err
 
 
 def _assert_one_line_error(code: int, out: str, *fragments: str) -> None:

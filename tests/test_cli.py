@@ -1,22 +1,14 @@
 """The CLI's front door: --help everywhere, and bad input as one clear line with exit status 2."""
 from __future__ import annotations
 
-import sys
 
 import pytest
 
-from layerlab.cli import app, main
+from helpers import run_cli
+from layerlab.cli import app
 
 
-def _run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["layerlab", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+_run = run_cli
 
 
 def _commands(group, prefix=()):
