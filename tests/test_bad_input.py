@@ -247,3 +247,42 @@ def test_criticality_of_float_images_equals_uint8():
     b = crit.criticality(model, as_float, layers=["conv1", "fc"], trials=2)
     assert (a["criticality"] > 0).all()
     assert np.allclose(a["criticality"], b["criticality"], atol=1e-9)
+
+
+def test_images_that_do_not_fit_the_model_are_one_line(tmp_path, monkeypatch, capsys):
+    """1-channel images into a 3-channel model: a ShapeError naming the model and the image shape, not torch's
+    RuntimeError (API) or a traceback (CLI)."""
+    import layerlab.criticality as crit
+
+    one = load_data("digits?size=16&channels=1", "test", n=8, seed=0)
+    model = load_model(f"{ARCH}&num_classes=10")
+    for naive in (False, True):
+        with pytest.raises(ShapeError, match=r"cannot run on images of shape \(1, 16, 16\).*channels"):
+            crit.criticality(model, one, layers=["fc"], trials=1, naive=naive)
+    code, out = _cli(monkeypatch, capsys, "criticality", f"{ARCH}&in_chans=1&num_classes=10", "--data",
+                     "digits?size=16", "--images", "8", "--layers", "fc", "--trials", "1", "--out", str(tmp_path / "c"))
+    _assert_one_line_error(code, out, "cannot run on images of shape (3, 16, 16)")
+
+
+def test_a_loader_with_fewer_images_than_asked_is_an_error():
+    import layerlab.criticality as crit
+    from torch.utils.data import DataLoader, TensorDataset
+
+    d = load_data(SMALL, "test", n=32, seed=0)
+    loader = DataLoader(TensorDataset(d.float(), d.labels), batch_size=16)
+    with pytest.raises(DataError, match="asked for 100000 images but .* yields 32"):
+        crit.criticality(load_model(f"{ARCH}&num_classes=10"), loader, images=100000, layers=["fc"], trials=1)
+
+
+def test_images_outside_unit_range_for_a_layerlab_model_are_an_error(tmp_path):
+    """A layerlab model takes [0, 1] images and normalises inside: 0-255 floats or [-1, 1] images handed as a
+    tensor pair gave criticality ~100 and chance accuracy, silently."""
+    import layerlab.criticality as crit
+
+    d = load_data(SMALL, "test", n=16, seed=0)
+    model = load_model(f"{ARCH}&num_classes=10")
+    for bad, shown in ((d.float() * 255, "[0, 255]"), (d.float() * 2 - 1, "[-1, 1]")):
+        with pytest.raises(DataError, match=r"takes images in \[0, 1\]"):
+            crit.criticality(model, (bad, d.labels), layers=["fc"], trials=1)
+    ok = crit.criticality(model, (d.float(), d.labels), layers=["fc"], trials=1)
+    assert ok["criticality"].notna().all()

@@ -492,7 +492,7 @@ def test_structure_reads_layers_and_blocks_off_any_model():
     swin = _on_meta(lambda: timm.create_model("swin_tiny_patch4_window7_224", num_classes=10, img_size=32, window_size=2,
                                               embed_dim=24, depths=(1, 2, 1, 1), num_heads=(1, 1, 1, 1)))
     assert structure.find_blocks(swin)[:3] == ["layers.0.blocks.0", "layers.1.blocks.0", "layers.1.blocks.1"]
-    regnet = _on_meta(_timm("regnetx_002"))
+    regnet = _timm("regnetx_002")()  # on the CPU: torch < 2.14 has no meta kernel for the unique() its constructor calls
     assert structure.find_blocks(regnet)[0] == "s1.b1" and labels(regnet)["s2.b1.conv2.conv"] == "[2.1] conv2.conv"
     hand = handwritten()
     assert structure.find_blocks(hand) == ["3", "4"] and labels(hand)["4.conv2"] == "[4] conv2"

@@ -475,6 +475,10 @@ def test_no_randomize_trial_equals_the_reset_to_init(default_run):
     layers_ = ["conv1", "layer1.0.conv1", "layer2.0.downsample.0", "layer4.1.conv2", "fc"]
     table = crit.criticality(model, DATA, images=64, trials=3, mode=["randomize", "reinit"], run=default_run,
                              layers=layers_)
+    rand = table[table["mode"] == "randomize"]
+    # exact 63-bit seeds, also in a table whose reinit rows have none (a float64 column would round them)
+    assert [int(d) for d in rand["draw_seed"]] == [derive_seed("criticality/fresh", 0, int(t)) for t in rand["trial"]]
+    assert table.loc[table["mode"] == "reinit", "draw_seed"].isna().all()
     for layer, rows in table.groupby("layer"):
         reinit = rows.loc[rows["mode"] == "reinit", "criticality"].iloc[0]
         trials = rows.loc[rows["mode"] == "randomize", "criticality"]

@@ -106,7 +106,10 @@ def test_checkpoint_schedules():
     assert checkpoint_epochs("every", 3) == [0, 1, 2, 3]
     assert checkpoint_epochs("log", 10) == [0, 1, 2, 4, 8, 10]
     assert checkpoint_epochs("final", 5) == [0, 5]
-    assert checkpoint_epochs([2, 99], 4) == [0, 2, 4]
+    assert checkpoint_epochs([2], 4) == checkpoint_epochs("2", 4) == [0, 2, 4]
+    assert checkpoint_epochs("1,3", 4) == [0, 1, 3, 4]
+    with pytest.raises(LayerlabError, match=r"\[99\] lie outside 0..4"):  # never silently dropped
+        checkpoint_epochs([2, 99], 4)
     with pytest.raises(LayerlabError):
         checkpoint_epochs("weekly", 3)
 
@@ -190,3 +193,21 @@ def test_train_and_test_splits_with_different_classes_are_refused(tmp_path, tiny
             Image.new("RGB", (8, 8), 40).save(tmp_path / "d" / split / c / "0.png")
     with pytest.raises(LayerlabError, match=r"labels do not line up \(only in train: \['dog'\], only in test: \['cow'\]\)"):
         train(tiny_arch, f"imagefolder:{tmp_path / 'd'}", recipe("baseline", **FAST), tmp_path / "r", progress=False)
+
+
+def test_a_refused_request_leaves_no_run_behind(tmp_path, tiny_arch, monkeypatch, capsys):
+    """Errors found before training (unknown model, bad schedule, images that do not fit) leave no run.json, so the
+    corrected command is not refused as 'a different run'."""
+    from helpers import run_cli
+
+    out = tmp_path / "r"
+    for args in (["timm:resnet19"], [tiny_arch, "--checkpoints", "weekly"], [tiny_arch, "--checkpoints", "0,9"],
+                 [f"{tiny_arch}&in_chans=1"]):
+        code, _, err = run_cli(monkeypatch, capsys, "train", *args, "--data", "digits?size=16", "--epochs", "1",
+                               "--train-n", "32", "--out", str(out))
+        assert code == 2 and "Traceback" not in err and err.startswith("error: "), (args, err)
+        assert not out.exists(), args
+    code, _, err = run_cli(monkeypatch, capsys, "train", tiny_arch, "--data", "digits?size=16", "--epochs", "1",
+                           "--train-n", "32", "--checkpoints", "1", "--out", str(out))
+    assert code == 0, err
+    assert runs.is_done(out) and [e for e, _ in runs.checkpoints(out)] == [0, 1]

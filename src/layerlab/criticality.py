@@ -54,11 +54,11 @@ from torch import nn
 from torch.func import functional_call
 
 from .data import Batches, DataLike, ImageData, as_batches, check_batch_labels
-from .errors import DataError, LayerlabError, NonFiniteError, ShapeError, check_finite
+from .errors import DataError, LayerlabError, NonFiniteError, ShapeError, check_finite, input_mismatch
 from . import structure
 from .layers import pick_by_name
 from .structure import Stage
-from .models import FreshSource, checkpoint_state, fresh_source, load_model
+from .models import FreshSource, Normalized, checkpoint_state, fresh_source, load_model
 from .runs import checkpoint_path, checkpoints as run_checkpoints
 from .runtime import resolve_device
 from .seeds import derive_seed, generator
@@ -388,10 +388,29 @@ class Pipeline:
                 y = self.stage(i, y)
             return self._logits(y, "model output")
 
+    def first(self, x: torch.Tensor, what: str) -> torch.Tensor:
+        """:meth:`full` on the first batch, where images that do not fit the model (channels, size) are a
+        ShapeError naming the model and the image shape instead of torch's bare RuntimeError, and images outside
+        [0, 1] for a model that takes [0, 1] (a layerlab spec or checkpoint, or a ``Normalized`` wrapper: it
+        normalises inside) are a DataError instead of silently wrong numbers."""
+        if getattr(self.model, "layerlab_arch", None) is not None or isinstance(self.model, Normalized):
+            lo, hi = float(x.min()), float(x.max())
+            if lo < -1e-3 or hi > 1 + 1e-3:
+                raise DataError(
+                    f"{what} takes images in [0, 1] (it normalises inside), but these lie in [{lo:.3g}, {hi:.3g}]; pass "
+                    "unnormalised images in [0, 1] (uint8 0-255 is converted), or a model that expects your scaling"
+                )
+        try:
+            return self.full(x)
+        except RuntimeError as e:
+            if (mismatch := input_mismatch(e, what, tuple(x.shape[1:]))) is not None:
+                raise mismatch from None
+            raise
+
     def validate(self, x: torch.Tensor, what: str) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Check the stage chain against the real forward on ``x``, falling back to the full forward when they
         differ; returns the trace of ``x`` (logits and every stage input) so that it need not run again."""
-        reference = self.full(x)
+        reference = self.first(x, what)
         check_finite(reference, what=f"the original logits of {what}", hint="the model itself produces NaN/inf")
         if len(self.stages) == 1:
             return reference, {0: x}
@@ -716,7 +735,7 @@ def _evaluate(
     if naive:
         originals = []
         for x, labels in data.batches(pipe.device):
-            logits = pipe.full(pipe.input(x))
+            logits = pipe.first(pipe.input(x), f"model {name!r}")
             if not originals:
                 data.check_outputs(logits.shape[-1], what)
             check_batch_labels(logits.shape[-1], labels, what, data.describe())
@@ -796,17 +815,23 @@ def _run_for(name: str, run: str | Path | Mapping[str, str | Path] | None, n_mod
 
 
 def _rows_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    frame = pd.DataFrame(rows)
-    for col in ("epoch", "seed", "draw_seed"):
-        if col in frame.columns:
-            frame[col] = frame[col].astype("Int64")
-    return frame
+    ints = ("epoch", "seed", "draw_seed")
+    # Integer columns with gaps (reinit rows have no seed) are built as nullable Int64 from the Python ints, never
+    # through float64, which would round 63-bit draw seeds (6673782257543995146 -> ...392).
+    frame = pd.DataFrame([{k: v for k, v in r.items() if k not in ints} for r in rows])
+    for col in ints:
+        if any(col in r for r in rows):
+            frame[col] = pd.array([r.get(col) for r in rows], dtype="Int64")
+    order = list(dict.fromkeys(k for r in rows for k in r))  # the rows' own column order
+    return frame[order]
 
 
 def _progress(total: int, enabled: bool, desc: str):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, disable=not enabled, desc=desc, unit="job", dynamic_ncols=True)
+    # delay: a bar appears only once work has gone on for a second, so an input error found on the first batch
+    # is the only line the user sees
+    return tqdm(total=total, disable=not enabled, desc=desc, unit="job", dynamic_ncols=True, delay=1.0)
 
 
 def criticality(
@@ -884,7 +909,7 @@ def criticality(
     try:
         for name, spec in named.items():
             model = load_model(spec) if isinstance(spec, str) else spec
-            run_dir = _run_for(name, run, len(named))
+            run_dir = known_run(model, _run_for(name, run, len(named)))  # file:RUN/final.pt names its run
             refs = _references(modes, trials, seed, run_dir, epochs)
             if "randomize" in modes:
                 sources[name] = str(_bind_fresh(job.references, name, model, _fresh_for(name, fresh, len(named))))
@@ -1121,8 +1146,15 @@ def module_criticality(
     distance (||theta_F - theta_0||_F^2), loss, epsilon, expected_loss (at the minimiser), evaluated
     ((alpha, sigma) points tried), draws, sigma_min.
     """
-    if grid < 2 or draws < 1 or eps_factor <= 0:
-        raise LayerlabError(f"grid must be >= 2, draws >= 1 and eps_factor > 0; got {grid}, {draws}, {eps_factor}")
+    if not isinstance(grid, int) or grid < 2:
+        raise LayerlabError(f"grid (alpha values tried) must be an integer >= 2, got {grid!r}")
+    if not isinstance(draws, int) or draws < 1:
+        raise LayerlabError(f"draws (noise draws per point) must be a positive integer, got {draws!r}")
+    if not eps_factor > 1:
+        raise LayerlabError(
+            f"eps_factor must be > 1 (epsilon = eps_factor x the trained loss; the paper's is 1.01), got {eps_factor!r}:"
+            " below 1 not even the trained weights meet the constraint, so every module would come out inf"
+        )
     if not 0 < sigma_min < 1 or not 0 < rtol < 1:
         raise LayerlabError(f"sigma_min and rtol must lie in (0, 1); got {sigma_min}, {rtol}")
     named = _named_models(models)
@@ -1135,7 +1167,7 @@ def module_criticality(
     try:
         for name, spec in named.items():
             model = load_model(spec) if isinstance(spec, str) else spec
-            run_dir = _run_for(name, run, len(named))
+            run_dir = known_run(model, _run_for(name, run, len(named)))  # file:RUN/final.pt names its run
             if run_dir is None:
                 raise LayerlabError(
                     f"module criticality of {name!r} needs theta_0, the weights at initialisation: pass the training "

@@ -772,6 +772,9 @@ class LoaderBatches(Batches):
                             "it must yield the same images every pass")
         if seen == 0:
             raise DataError(f"{self.describe()} yielded no images")
+        if self.limit is not None and seen < self.limit:  # never silently fewer than asked for
+            raise DataError(f"asked for {self.limit} images but {self.describe()} yields {seen}; pass images={seen} "
+                            "or fewer (or omit it for all)")
         self._sums, self._count = sums, seen
 
     def fingerprint(self) -> str:

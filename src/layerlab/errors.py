@@ -47,3 +47,24 @@ def check_finite(t, *, what: str, hint: str = "lower the learning rate or check 
 
     if not bool(torch.isfinite(t).all()):
         raise NonFiniteError(f"{what} is not finite (NaN or inf); {hint}")
+
+
+_MISMATCH_HINTS = ("channels", "shape", "size", "dimension")
+
+
+def input_mismatch(error: Exception, what: str, shape: tuple[int, ...]) -> ShapeError | None:
+    """The ShapeError to raise when a forward pass of ``what`` failed on images of ``shape`` [C, H, W] because
+    they do not fit the model (wrong channel count or size), else None (a different failure: re-raise it).
+
+    torch words these as "expected input[16, 3, 16, 16] to have 1 channels" or "mat1 and mat2 shapes cannot be
+    multiplied": true, but naming neither the data nor the fix.
+    """
+    if not isinstance(error, RuntimeError):
+        return None
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if not any(h in first for h in _MISMATCH_HINTS):
+        return None
+    return ShapeError(
+        f"{what} cannot run on images of shape {tuple(shape)} (C, H, W): {first}; give the model images it was built "
+        "for (e.g. 'digits?channels=1' or '?size=32' on a data spec, or a model with in_chans/img_size to match)"
+    )

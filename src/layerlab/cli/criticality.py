@@ -90,7 +90,8 @@ def register(app: typer.Typer) -> None:
             help="Chatterji et al. module criticality instead (needs --run).",
         ),
         eps_factor: float = typer.Option(1.01, "--eps-factor", help="--module: epsilon = this x the trained loss."),
-        batch_size: int = typer.Option(128, "--batch-size", "-b"),
+        batch_size: int = typer.Option(128, "--batch-size", "-b", help="Images per forward pass (memory only)."),
+        threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's own)."),
         device: str = typer.Option("cpu", "--device", help="cpu or cuda (cuda: bf16 autocast and channels_last)."),
         naive: bool = typer.Option(
             False, "--naive",
@@ -106,17 +107,28 @@ def register(app: typer.Typer) -> None:
         ),
         baseline: str = typer.Option("baseline", help="Model the difference figure subtracts."),
         figures: bool = typer.Option(True, "--figures/--no-figures", help="Write PNG/SVG figures."),
-        progress: bool = typer.Option(True, "--progress/--no-progress"),
+        progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     ) -> None:
         """Re-randomise each layer and measure how far the softmax output moves: 100 * (1 - mean cosine).
 
         Writes OUT/criticality.parquet and .csv (one row per model, layer, trial), criticality_summary.csv
         (mean, std, sem per model and layer), criticality_images.csv (the image indices) and figures.
-        Finished (model, layer, trial) jobs are kept in OUT/shards and never recomputed.
+        Finished (model, layer, trial) jobs are kept in OUT/shards and never recomputed. With --module: Chatterji
+        et al.'s module criticality instead (module_criticality.csv: mu, alpha, sigma per unit;
+        module_criticality_summary.csv: the network criticality).
 
-        Example: layerlab criticality 'timm:resnet18?num_classes=10' --data digits --trials 3 --out out/crit
+        Examples:
+          layerlab criticality file:runs/base/final.pt --data digits --trials 3 --out out/crit
+          layerlab criticality --run runs/base --mode randomize --mode reinit --out out/zhang
+          layerlab criticality --run runs/base --module --images 256 --layers conv1,fc --out out/module
         """
         check_out(out)
+        if module:
+            ignored = [flag for flag, given in (("--mode", bool(mode)), ("--trials", trials != 3), ("--naive", naive),
+                                                ("--checkpoint", bool(checkpoint))) if given]
+            if ignored:
+                raise LayerlabError(f"{', '.join(ignored)} do(es) not apply to --module (module criticality has no "
+                                    "trials or reset modes); drop them or drop --module")
         if attrs is not None and not attrs.is_file():  # read only after the computation: check it now
             raise LayerlabError(f"--attrs {str(attrs)!r} does not exist; pass a CSV with a 'model' column")
 
@@ -124,8 +136,9 @@ def register(app: typer.Typer) -> None:
 
         from ..criticality import criticality, module_criticality, network_criticality, summarize, write_tables
         from ..data import load_data
-        from ._common import print_frame
+        from ._common import print_frame, set_threads
 
+        set_threads(threads)
         named = parse_specs(specs or [])
         if not named:
             if run is None:
@@ -140,7 +153,9 @@ def register(app: typer.Typer) -> None:
                 device=device, store=out, progress=progress,
             )
             paths = write_tables(table, out, prefix="module_criticality")
-            print_frame(network_criticality(table), "network criticality (Chatterji et al. 2020): sum of mu_i")
+            cols = ["model", "label", "criticality", "alpha", "sigma", "distance", "expected_loss", "epsilon"]
+            print_frame(table[cols], "module criticality (Chatterji et al. 2020): mu = alpha^2 distance / sigma^2")
+            print_frame(network_criticality(table), "network criticality: sum of mu_i")
         else:
             table = criticality(
                 named, images_data, layers=picked, trials=trials, mode=_split_list(mode) or "randomize", run=run,

@@ -27,7 +27,10 @@ def register(app: typer.Typer) -> None:
         lr: Optional[float] = typer.Option(None, help="Override the recipe's learning rate."),
         tract: Optional[float] = typer.Option(None, "--tract", help="Train the first layer with TrAct at this lambda (e.g. 0.1)."),
         set_: list[str] = typer.Option([], "--set", help="Any recipe field, FIELD=VALUE (repeatable), e.g. --set label_noise=0.2."),
-        checkpoints: str = typer.Option("every", help="Checkpoint schedule: every, log (0,1,2,4,...), final."),
+        checkpoints: str = typer.Option(
+            "every", help="Checkpoint schedule: every, log (0,1,2,4,...), final, or epochs such as 1,5,10 (epoch 0 "
+            "and the last are always kept).",
+        ),
         seed: int = typer.Option(0, help="Seed for init, data order, augmentation and label noise."),
         train_n: Optional[int] = typer.Option(None, help="Train on a fixed seeded subset of this many images."),
         init: Optional[str] = typer.Option(None, help="Start from this checkpoint (finetuning)."),

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .. import runs
 from ..data import ImageData, check_label_coverage, load_data, to_unit_float
-from ..errors import DataError, LayerlabError, NonFiniteError
+from ..errors import DataError, LayerlabError, NonFiniteError, input_mismatch
 from ..models import load_model, num_outputs, save_checkpoint
 from ..runtime import resolve_device
 from ..seeds import derive_seed, generator, global_seed
@@ -32,12 +32,24 @@ RNG_STREAMS = "purpose-streams/1"  # recorded in run.json: runs seeded the old w
 
 
 def checkpoint_epochs(schedule: str | list[int], epochs: int) -> list[int]:
-    """Epochs to checkpoint: 'every', 'log' (0, 1, 2, 4, 8, ... and the last), 'final', or an explicit list.
+    """Epochs to checkpoint: 'every', 'log' (0, 1, 2, 4, 8, ... and the last), 'final', or a list of epochs
+    (a list or a string such as '1,5,10'); an epoch outside 0..epochs is an error, never silently dropped.
 
     Epoch 0 (the initialisation, Zhang et al.'s theta_0) is always included.
+
+    >>> checkpoint_epochs("log", 10)
+    [0, 1, 2, 4, 8, 10]
+    >>> checkpoint_epochs("3,5", 6)
+    [0, 3, 5, 6]
     """
+    if isinstance(schedule, str) and schedule.replace(",", "").replace(" ", "").isdigit():
+        schedule = [int(e) for e in schedule.split(",") if e.strip()]
     if isinstance(schedule, (list, tuple)):
-        chosen = {int(e) for e in schedule if 0 <= int(e) <= epochs}
+        outside = sorted(int(e) for e in schedule if not 0 <= int(e) <= epochs)
+        if outside:
+            raise LayerlabError(f"checkpoint epochs {outside} lie outside 0..{epochs} (the run's epochs); drop them "
+                                "or raise --epochs")
+        chosen = {int(e) for e in schedule}
     elif schedule == "every":
         chosen = set(range(epochs + 1))
     elif schedule == "log":
@@ -45,7 +57,9 @@ def checkpoint_epochs(schedule: str | list[int], epochs: int) -> list[int]:
     elif schedule == "final":
         chosen = set()
     else:
-        raise LayerlabError(f"checkpoint schedule {schedule!r} is not 'every', 'log', 'final' or a list of epochs")
+        raise LayerlabError(
+            f"checkpoint schedule {schedule!r} is not 'every', 'log', 'final' or a list of epochs such as '1,5,10'"
+        )
     return sorted(chosen | {0, epochs})
 
 
@@ -151,20 +165,30 @@ def train(arch: str, data: str, recipe: Recipe, out: str | Path, *, seed: int = 
     train_set = load_data(data, "train", n=train_n, seed=seed, arg="--train-n")
     test_set = load_data(data, "test")
     _check_same_classes(train_set, test_set)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "run.json", json.dumps(config, indent=2))
+    ckpt_epochs = checkpoint_epochs(checkpoints, recipe.epochs)
+    if trainable not in (None, "all", "head"):
+        raise LayerlabError(f"trainable must be 'all' or 'head', got {trainable!r}")
 
     # Four independent streams (layerlab.seeds): init, data order, augmentation, label noise. None of them is
     # the integer ``seed`` itself, so no analysis stream (a criticality trial, say) can rebuild this init.
     with global_seed("train/init", seed, devices=_cuda(device)):
         model = _build(arch, train_set.num_classes, init, device)
-    check_label_coverage(num_outputs(model, to_unit_float(test_set.images[:1])), train_set, f"model {arch!r}")
-    torch.manual_seed(derive_seed("train/augment", seed))  # torchvision transforms and PGD take no generator
+    sample = to_unit_float(test_set.images[:1])
+    try:
+        outputs = num_outputs(model, sample)
+    except RuntimeError as e:
+        if (mismatch := input_mismatch(e, f"model {arch!r}", tuple(sample.shape[1:]))) is not None:
+            raise mismatch from None
+        raise
+    check_label_coverage(outputs, train_set, f"model {arch!r}")
     arch_spec = model.layerlab_arch
     if trainable == "head":
         _freeze_all_but_head(model)
-    elif trainable not in (None, "all"):
-        raise LayerlabError(f"trainable must be 'all' or 'head', got {trainable!r}")
+    # Only now, with every input checked, does the folder become a run: a refused request leaves nothing behind
+    # that a corrected re-run would take for a different run.
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "run.json", json.dumps(config, indent=2))
+    torch.manual_seed(derive_seed("train/augment", seed))  # torchvision transforms and PGD take no generator
     if recipe.tract > 0:
         from ..tract import apply as apply_tract
 
@@ -182,7 +206,6 @@ def train(arch: str, data: str, recipe: Recipe, out: str | Path, *, seed: int = 
     shuffle = generator("train/order", seed)
     augment = augmenter(recipe.augment, train_set.shape[-1])
     mix = mixer(recipe.mixup, recipe.cutmix, train_set.num_classes)
-    ckpt_epochs = checkpoint_epochs(checkpoints, recipe.epochs)
     rows: list[dict[str, Any]] = []
     start = 1
 
