@@ -187,3 +187,21 @@ def test_exit_status_of_the_command_is_kept(monkeypatch, capsys):
     assert _run(monkeypatch, capsys, "fail")[0] == 1
     code, _, err = _run(monkeypatch, capsys, "interrupt")
     assert code == 130 and err.startswith("interrupted:")
+
+
+def test_out_of_the_wrong_kind_is_refused_before_any_work(monkeypatch, capsys, tmp_path):
+    """Results never go into a training run folder, and a run never into a folder of other files."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+    code, _, err = _run(monkeypatch, capsys, "criticality", "timm:nosuchmodel", "--out", str(run))
+    assert code == 2 and "is a training run folder" in err and "Traceback" not in err
+    other = tmp_path / "results"
+    other.mkdir()
+    (other / "criticality.csv").write_text("x\n")
+    code, _, err = _run(monkeypatch, capsys, "train", "timm:nosuchmodel", "--out", str(other))
+    assert code == 2 and "holds other files but no run.json" in err
+    assert sorted(p.name for p in other.iterdir()) == ["criticality.csv"]
+    code, _, err = _run(monkeypatch, capsys, "criticality", "a=timm:resnet18", "--baseline", "nosuch", "--out",
+                        str(tmp_path / "c"))
+    assert code == 2 and "--baseline 'nosuch' is not one of the models (a)" in err

@@ -15,16 +15,27 @@ from ..models import _parse_value
 
 
 def check_out(path: Path, *, kind: Literal["folder", "file"] = "folder", option: str = "--out",
-              write: bool = True) -> None:
+              write: bool = True, role: Literal["run", "results"] | None = "results") -> None:
     """Refuse an output path that cannot work, before any model or data is loaded.
 
     Without this a bad --out failed with a traceback only after the computation had run. Refused: an existing
     path of the other kind, a path under a file, and (``write``) a place where no new file can be made. The
     last is a real probe (a temp file made and removed in the nearest existing folder), not ``os.access``,
-    so it is right for root and for read-only mounts. Nothing is left behind.
+    so it is right for root and for read-only mounts. Nothing is left behind. ``role`` refuses the wrong kind
+    of folder: analysis results ("results") never go into a training run folder (one with run.json), and a
+    training run ("run") goes into a new or empty folder or its own run folder (to resume), never into a
+    folder of other files.
     """
     path = Path(path)
     shown = repr(str(path))
+    if kind == "folder" and path.is_dir():
+        is_run = (path / "run.json").exists()
+        if role == "results" and is_run:
+            raise LayerlabError(f"{option} {shown} is a training run folder (it holds run.json); write results to a "
+                                "folder of their own, e.g. --out out/crit")
+        if role == "run" and not is_run and any(path.iterdir()):
+            raise LayerlabError(f"{option} {shown} holds other files but no run.json; a training run goes into a new "
+                                "(or empty) folder, or into its own run folder to resume it")
     probe = path
     try:
         if path.is_dir():

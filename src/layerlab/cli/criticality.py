@@ -144,6 +144,8 @@ def register(app: typer.Typer) -> None:
             if run is None:
                 raise LayerlabError("no model given; pass SPEC... (e.g. 'timm:resnet18?num_classes=10') or --run RUN_DIR")
             named = {run.name: _default_model(run)}
+        if baseline != "baseline" and baseline not in named:  # the default may be absent; a name given must exist
+            raise LayerlabError(f"--baseline {baseline!r} is not one of the models ({', '.join(named)}); name one of them")
         picked = _split_list(layers) or None
         images_data = load_data(data, split or ("train" if module else "test"), images, seed)
         if module:

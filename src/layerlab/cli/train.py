@@ -41,7 +41,7 @@ def register(app: typer.Typer) -> None:
 
         Example: layerlab train 'timm:resnet18?channels=16,32,64,128' --data digits --out runs/base --epochs 8
         """
-        check_out(out)
+        check_out(out, role="run")
 
         from ..train import recipe as make_recipe
         from ..train import train
@@ -72,7 +72,7 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("cpu"),
     ) -> None:
         """Finetune a pretrained checkpoint on new data: full finetuning or linear probing; the head is re-made."""
-        check_out(out)
+        check_out(out, role="run")
 
         from ..models import read_checkpoint_meta
         from ..train import recipe as make_recipe
@@ -104,7 +104,7 @@ def register(app: typer.Typer) -> None:
         threads: Optional[int] = typer.Option(None),
     ) -> None:
         """Train every model of a zoo; finished models are skipped, a killed model resumes from its last epoch."""
-        check_out(out)
+        check_out(out, role=None)  # a zoo folder holds run folders
 
         from ..train import train_zoo
 
