@@ -898,7 +898,7 @@ def criticality(
     channels_last = dev.type == "cuda" if channels_last is None else channels_last
     if isinstance(fresh, Mapping) and (unknown := sorted(set(fresh) - set(named))):
         raise LayerlabError(f"fresh= names models that are not analysed: {unknown}; the models are {list(named)}")
-    data = as_batches(data, batch_size, images=images, seed=seed, split=split)
+    data = as_batches(data, batch_size, images=images, seed=seed, split=split, arg="images=")
     epochs = [checkpoint] if isinstance(checkpoint, int) else checkpoint
     st = Store(store) if isinstance(store, (str, Path)) else store
     job = _Job(data=data, data_key=data.fingerprint() if st is not None else "", units=units, layers=layers,
@@ -1159,7 +1159,7 @@ def module_criticality(
         raise LayerlabError(f"sigma_min and rtol must lie in (0, 1); got {sigma_min}, {rtol}")
     named = _named_models(models)
     dev = _device(device, named)
-    data = as_batches(data, batch_size, images=images, seed=seed, split=split)
+    data = as_batches(data, batch_size, images=images, seed=seed, split=split, arg="images=")
     st = Store(store) if isinstance(store, (str, Path)) else store
     data_key = data.fingerprint() if st is not None else ""
     rows: list[dict[str, Any]] = []

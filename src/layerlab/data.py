@@ -86,9 +86,11 @@ def subset_rows(count: int, n: int | None, seed: int, what: str, arg: str = "--i
     if n is None or n == count:
         return torch.arange(count)
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise DataError(f"{arg}: expected a positive number of images, got {n!r}; omit it to use all {count} of {what}")
+        raise DataError(f"{arg.rstrip('=')}: expected a positive number of images, got {n!r}; omit it to use all {count} "
+                        f"of {what}")
     if n > count:
-        raise DataError(f"asked for {n} images but {what} holds {count}; pass {arg} {count} or fewer (or omit it for all)")
+        fix = f"{arg}{count}" if arg.endswith("=") else f"{arg} {count}"  # images=364 (Python) or --images 364 (CLI)
+        raise DataError(f"asked for {n} images but {what} holds {count}; pass {fix} or fewer (or omit it for all)")
     perm = torch.randperm(count, generator=seeds.generator("data/subset", seed))
     return perm[:n].sort().values
 
@@ -851,7 +853,7 @@ def as_batches(
     if isinstance(data, DataLoader) or (not isinstance(data, Dataset) and hasattr(data, "__iter__")
                                         and not hasattr(data, "__getitem__")):
         if images is not None and (isinstance(images, bool) or not isinstance(images, int) or images < 1):
-            raise DataError(f"{arg}: expected a positive number of images, got {images!r}")
+            raise DataError(f"{arg.rstrip('=')}: expected a positive number of images, got {images!r}")
         return LoaderBatches(data, images)
     if hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (dict, bytes)):
         count = len(data)

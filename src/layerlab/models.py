@@ -216,7 +216,8 @@ class FreshSource:
         return fresh.to("cpu").eval()
 
     def __str__(self) -> str:
-        return f"{self.kind}: {self.detail}"
+        # "timm:resnet18?..." already names its kind; "spec: file:..." and "callable: make_net" need the prefix
+        return self.detail if self.detail.startswith(f"{self.kind}:") else f"{self.kind}: {self.detail}"
 
 
 def fresh_source(
