@@ -331,7 +331,7 @@ def test_apply_by_name_and_errors() -> None:
     assert isinstance(model[1], TrAct)
     with pytest.raises(LayerlabError, match="no submodule"):
         apply(nn.Sequential(nn.Linear(2, 2)), name="conv1")
-    with pytest.raises(LayerlabError, match="no nn.Conv2d or nn.Linear ran"):
+    with pytest.raises(LayerlabError, match="no learnable nn.Conv2d or nn.Linear ran"):
         apply(nn.Sequential(nn.ReLU()), example_input=torch.randn(1, 3, 4, 4))
     with pytest.raises(LayerlabError, match="groups=3"):
         apply(nn.Sequential(nn.Conv2d(3, 3, 3, groups=3)))
@@ -351,3 +351,119 @@ def test_remove_keeps_parameters_replaced_by_module_conversion() -> None:
     assert new_weight is not original.weight and new_weight.dtype == torch.float64
     remove(model)
     assert model[0] is original and original.weight is new_weight and original.bias.dtype == torch.float64
+
+
+# -- apply finds the stem of any model from its structure ------------------------------------------------
+
+
+def _timm(name: str, **kw):
+    def make():
+        timm = pytest.importorskip("timm")
+        return timm.create_model(name, num_classes=10, **kw)
+    return make
+
+
+def _tv_vit():
+    tv = pytest.importorskip("torchvision")
+    return tv.models.VisionTransformer(
+        image_size=32, patch_size=4, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10
+    )
+
+
+def _relu_then_conv():
+    return nn.Sequential(nn.ReLU(), nn.Conv2d(3, 6, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(6 * 16 * 16, 10))
+
+
+STEMS = {
+    "timm_resnet18": (_timm("resnet18"), "conv1"),
+    "timm_vit_tiny": (_timm("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=2, embed_dim=32,
+                            num_heads=2), "patch_embed.proj"),
+    "timm_convnext_atto": (_timm("convnext_atto"), "stem.0"),
+    "timm_efficientnet_b0": (_timm("efficientnet_b0"), "conv_stem"),
+    "torchvision_resnet18": (_tv_resnet, "conv1"),
+    "torchvision_vit": (_tv_vit, "conv_proj"),
+    "relu_then_conv": (_relu_then_conv, "1"),
+}
+
+
+@pytest.mark.parametrize("case", list(STEMS), ids=list(STEMS))
+def test_apply_finds_stem_of_any_model(case: str) -> None:
+    factory, path = STEMS[case]
+    torch.manual_seed(0)
+    model = factory().to(DT).eval()  # float64 for a tight comparison with the reference; eval: no dropout
+    stem = model.get_submodule(path)
+    x = torch.randn(2, 3, 32, 32, dtype=DT, generator=torch.Generator().manual_seed(1))
+    before = model(x).detach()  # grad enabled in both runs: no inference-only fast paths (MHA, SDPA)
+    assert apply(model, lam=0.1) is model
+    assert [n for n, m in model.named_modules() if isinstance(m, TrAct)] == [path]
+    wrapper = model.get_submodule(path)
+    assert wrapper.layer is stem and not model.training
+
+    seen: dict[str, torch.Tensor] = {}
+    wrapper.register_forward_pre_hook(lambda _m, args: seen.__setitem__("x", args[0].detach()))
+
+    def keep_grad(_m: nn.Module, _a: tuple, out: torch.Tensor) -> None:  # None: the output is left as is
+        out.register_hook(lambda g: seen.__setitem__("g", g.detach()))
+
+    wrapper.register_forward_hook(keep_grad)
+    out = model(x)
+    assert torch.equal(out.detach(), before)  # TrAct changes only the gradient: the forward is bit-identical
+    out.backward(torch.randn(out.shape, dtype=DT, generator=torch.Generator().manual_seed(2)))
+    rows = ref_patches(seen["x"], stem)
+    grad_rows = seen["g"].permute(0, 2, 3, 1).reshape(rows.shape[0], -1)
+    expected = ref_tract(rows, grad_rows, 0.1).reshape(stem.weight.shape)
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(stem.weight.grad, expected, rtol=1e-9, atol=1e-10 * scale)
+
+
+def test_apply_refuses_unwrappable_first_layer_naming_candidates() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 3, 3, groups=3), nn.Conv2d(3, 4, 1), nn.Flatten())
+    with pytest.raises(LayerlabError) as info:
+        apply(model)
+    msg = str(info.value)
+    assert "\n" not in msg and "groups=3" in msg
+    assert "'0' (Conv2d, groups=3), '1' (Conv2d)" in msg and "layer='<module path>'" in msg
+    assert not any(isinstance(m, TrAct) for m in model.modules())
+    apply(model, layer="1")  # an explicit choice is honoured
+    assert isinstance(model[1], TrAct)
+    remove(model)
+    apply(model, layer=model[1])  # ... also as the module itself
+    assert isinstance(model[1], TrAct)
+    with pytest.raises(LayerlabError, match="groups=3"):
+        apply(remove(model), layer="0")
+    with pytest.raises(LayerlabError, match="not a submodule"):
+        apply(model, layer=nn.Conv2d(3, 4, 1))
+    with pytest.raises(LayerlabError, match="not both"):
+        apply(model, layer="1", name="0")
+    with pytest.raises(LayerlabError, match="expected '0' to be"):  # first layer is a Conv1d
+        apply(nn.Sequential(nn.Conv1d(3, 4, 3), nn.Linear(4, 2)), example_input=torch.randn(2, 3, 6))
+
+
+def test_apply_refuses_timm_same_padding_stem() -> None:
+    model = _timm("tf_efficientnet_b0")()  # conv_stem is a Conv2dSame (own forward)
+    with pytest.raises(LayerlabError, match=r"'conv_stem' \(Conv2dSame, not wrappable\)") as info:
+        apply(model)
+    assert "\n" not in str(info.value)
+
+
+def test_apply_skips_frozen_layers_and_falls_back_on_patch_embed() -> None:
+    fixed = nn.Conv2d(3, 3, 1, bias=False).requires_grad_(False)  # e.g. a fixed colour transform
+    model = nn.Sequential(fixed, nn.Conv2d(3, 4, 3), nn.Flatten())
+    apply(model)
+    assert isinstance(model[1], TrAct) and model[0] is fixed
+
+    class NeedsDict(nn.Module):  # the probe forward cannot run; the timm-style attribute decides
+        def __init__(self) -> None:
+            super().__init__()
+            self.patch_embed = nn.Module()
+            self.patch_embed.proj = nn.Conv2d(3, 8, 4, stride=4)
+
+        def forward(self, batch: dict) -> torch.Tensor:
+            if not isinstance(batch, dict):
+                raise TypeError("expected a dict batch")
+            return self.patch_embed.proj(batch["image"])
+
+    net = NeedsDict()
+    apply(net)
+    assert isinstance(net.patch_embed.proj, TrAct)
