@@ -12,6 +12,7 @@ from torch import nn
 import layerlab.invariance as inv
 from layerlab.errors import LayerlabError, ShapeError
 from layerlab.invariance import InversionCache, initial_noise, invariance_grid, invert, matching_loss, stir, summarize
+from layerlab.seeds import generator
 from layerlab.similarity import linear_cka
 from layerlab.store import Store
 
@@ -335,3 +336,142 @@ def test_figures_and_cli(images, tmp_path, monkeypatch):
     assert len(Store(out).read("invariance")) == 2 * 2 * 2 * 2 * 3
     bad = CliRunner().invoke(app, [*args[:7], "--layers", "conv9"])
     assert bad.exit_code != 0 and "unknown layer 'conv9'" in str(bad.exception or bad.output)
+
+
+# ------------------------------------------------------------------------------------------- input range
+
+
+class Normalising(Tiny):
+    """Tiny on 3-channel images with the normalisation (x - mean) / std inside (``inner=False`` leaves it out)."""
+
+    def __init__(self, mean, std, inner: bool = True, seed: int = 0) -> None:
+        super().__init__(seed)
+        torch.manual_seed(seed + 100)
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.inner = inner
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward((x - self.mean) / self.std if self.inner else x)
+
+
+def _reference_invert(model, layer, images, steps, step_size, seed):
+    """A copy of the inversion as it was before ``input_range`` (start and every step clamped to [0, 1])."""
+    from layerlab.features import forward_until
+
+    def feats(x):
+        return forward_until(model, layer, x).reshape(x.shape[0], -1)
+
+    model.eval()
+    x = torch.randn(tuple(images.shape), generator=generator("invariance/start", seed), dtype=torch.float32).clamp_(0.0, 1.0)
+    with torch.no_grad():
+        target = feats(images).float()
+    best, best_loss = x.clone(), torch.full((x.shape[0],), float("inf"))
+    for i in range(steps + 1):
+        last = i == steps
+        x.requires_grad_(not last)
+        with torch.set_grad_enabled(not last):
+            loss = matching_loss(feats(x), target)
+        with torch.no_grad():
+            better = loss.detach() < best_loss
+            best[better] = x.detach()[better]
+            best_loss = torch.where(better, loss.detach(), best_loss)
+        if last:
+            break
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        with torch.no_grad():
+            norm = grad.reshape(grad.shape[0], -1).norm(dim=1).clamp_min(1e-12)
+            x = (x.detach() - step_size * grad / norm.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
+    return best, best_loss
+
+
+def test_default_input_range_is_bit_for_bit_the_original_inversion_and_keeps_cache_keys(images):
+    model = Tiny()
+    want_x, want_loss = _reference_invert(copy.deepcopy(model), "conv2", images, steps=6, step_size=0.5, seed=2)
+    start = torch.randn(tuple(images.shape), generator=generator("invariance/start", 2)).clamp_(0.0, 1.0)
+    for rng in (None, (0.0, 1.0), (0, 1), (torch.zeros(1), torch.ones(1))):
+        kw = {} if rng is None else {"input_range": rng}
+        x, loss = invert(model, "conv2", images, steps=6, seed=2, **kw)
+        assert torch.equal(x, want_x) and torch.equal(loss, want_loss)
+        assert torch.equal(initial_noise(images.shape, 2, **kw), start)
+    key = {"seed": 0, "steps": 3, "step_size": 0.5, "precision": "fp32"}
+    assert InversionCache.key("w", "conv2", "i", **key) == "9ec588882f4c948a7f2f"  # the key before input_range
+    assert InversionCache.key("w", "conv2", "i", **key, input_range=(0.0, 1.0)) == "9ec588882f4c948a7f2f"
+    assert InversionCache.key("w", "conv2", "i", **key, input_range=(-1.0, 1.0)) != "9ec588882f4c948a7f2f"
+
+
+@pytest.mark.parametrize("bounds", ["floats", "per-channel"])
+def test_normalised_inputs_with_their_range_give_the_same_inversion_as_normalisation_inside(bounds):
+    x = torch.rand(10, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    inside = Normalising(0.5, 0.5, inner=True)
+    outside = Normalising(0.5, 0.5, inner=False)
+    outside.load_state_dict(inside.state_dict())
+    x_norm = (x - 0.5) / 0.5  # in [-1, 1]
+    rng = (-1.0, 1.0) if bounds == "floats" else (torch.full((3,), -1.0), torch.full((3, 1, 1), 1.0))
+    for steps in (0, 12):
+        a, la = invert(inside, "conv2", x, steps=steps, step_size=0.5, seed=1)
+        # the same geometry: std 0.5 everywhere, so a step of 0.5 on [0, 1] is a step of 1.0 on [-1, 1]
+        b, lb = invert(outside, "conv2", x_norm, steps=steps, step_size=1.0, seed=1, input_range=rng)
+        assert float(b.min()) >= -1.0 and float(b.max()) <= 1.0
+        assert torch.allclose((a - 0.5) / 0.5, b, atol=1e-4), float(((a - 0.5) / 0.5 - b).abs().max())
+        assert torch.allclose(la, lb, rtol=1e-4, atol=1e-6)
+    assert float(b.min()) < 0.0  # the inversion uses the lower half of the range
+    assert float(lb.mean()) < 0.5 * float(invert(outside, "conv2", x_norm, steps=0, seed=1, input_range=rng)[1].mean())
+
+
+def test_per_channel_imagenet_style_range_keeps_every_channel_in_its_bounds():
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    lo, hi = (0 - mean) / std, (1 - mean) / std
+    x = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    x_norm = (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    model = Normalising(mean, std, inner=False)
+    start, _ = invert(model, "conv2", x_norm, steps=0, input_range=(lo, hi))
+    want = (initial_noise(x.shape, 0) - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    assert torch.allclose(start, want, atol=1e-6)  # the [0, 1] start, normalised
+    out, loss = invert(model, "conv2", x_norm, steps=10, step_size=2.0, input_range=(lo, hi))
+    assert bool((out.amin(dim=(0, 2, 3)) >= lo).all()) and bool((out.amax(dim=(0, 2, 3)) <= hi).all())
+    assert bool(torch.isfinite(loss).all())
+
+
+def test_input_range_in_the_grid_matches_normalisation_inside_and_changes_the_keys(tmp_path):
+    x = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    pt_in = Normalising(0.5, 0.5, inner=True)
+    ft_in = _finetuned(pt_in)
+    pt_out, ft_out = Normalising(0.5, 0.5, inner=False), Normalising(0.5, 0.5, inner=False)
+    pt_out.load_state_dict(pt_in.state_dict())
+    ft_out.load_state_dict(ft_in.state_dict())
+    a = invariance_grid(pt_in, ft_in, data=x, layers=["conv1", "fc"], steps=3, step_size=0.5)
+    store = Store(tmp_path / "out")
+    b = invariance_grid(pt_out, ft_out, data=(x - 0.5) / 0.5, layers=["conv1", "fc"], steps=3, step_size=1.0,
+                        input_range=(-1.0, 1.0), store=store)
+    assert np.allclose(a["grid"]["value"], b["grid"]["value"], atol=1e-4)
+    assert not set(a["inversions"]["key"]) & set(b["inversions"]["key"])
+    metas = [store.shard_meta(p) for p in store.paths("invariance")]
+    assert metas and all(m["config"]["input_range"] == [-1.0, 1.0] for m in metas)
+    plain = Store(tmp_path / "plain")
+    invariance_grid(pt_in, ft_in, data=x, layers=["conv1"], steps=1, store=plain)
+    assert all("input_range" not in plain.shard_meta(p)["config"] for p in plain.paths("invariance"))
+
+
+def test_bad_input_range_fails_with_one_line():
+    model = Normalising(0.5, 0.5, inner=False)
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(6))
+    cases = [
+        (x * 3 - 1, (0.0, 1.0), r"values in \[0, 1\]"),
+        (x * 3 - 1, (-1.0, 1.0), r"outside input_range \[-1, 1\]"),
+        (x - 0.5, (torch.tensor([-0.5, 0.0, -0.5]), 0.5), r"outside input_range.*per channel"),
+        (x, (1.0, 0.0), r"lo < hi"),
+        (x, (torch.tensor([0.0, 0.0, 1.0]), 1.0), r"lo < hi"),
+        (x, (torch.zeros(4), 1.0), r"4 per-channel bounds but the images have 3 channels"),
+        (x, (torch.zeros(3, 2), 1.0), r"not per-channel"),
+        (x, (0.0,), r"expected \(lo, hi\)"),
+        (x, (0.0, float("nan")), r"finite"),
+    ]
+    for images, rng, pattern in cases:
+        with pytest.raises(LayerlabError, match=pattern) as err:
+            invert(model, "conv1", images, steps=1, input_range=rng)
+        assert "\n" not in str(err.value)
+    with pytest.raises(LayerlabError, match="outside input_range"):
+        invariance_grid(model, Normalising(0.5, 0.5, inner=False, seed=1), data=x * 3 - 1, layers=["conv1"], steps=1,
+                        input_range=(-1.0, 1.0))

@@ -5,12 +5,14 @@ Investigation", arXiv 2307.06006) ask which invariances of a pretrained model su
 move. Their tool is STIR (Nanda et al. 2022, "Measuring Representational Robustness of Neural Networks Through
 Shared Invariances"); METHODS.md section 4 pins down the details.
 
-Representation inversion (:func:`invert`). For a reference model m1, layer i and images X in [0, 1], start from
-seeded Gaussian noise X'_0 = clamp(N(0, 1), 0, 1) and minimise, per image,
+Representation inversion (:func:`invert`). For a reference model m1, layer i and images X in [0, 1] (or in the
+model's ``input_range`` [lo, hi], mapped affinely below), start from seeded Gaussian noise
+X'_0 = clamp(N(0, 1), 0, 1) and minimise, per image,
 
     loss(x') = |m1_i(x') - m1_i(x)|_2 / |m1_i(x)|_2                       (features flattened)
 
 with normalised-gradient steps x' <- clamp(x' - s g / |g|_2, 0, 1), g = d loss / d x' (per image; s = 0.5),
+(with ``input_range``: X'_0 = lo + (hi - lo) clamp(N(0, 1), 0, 1) and the clamp to [lo, hi], s in input units),
 keeping each image's best iterate. The forward stops at layer i. The model is in eval mode, so images never
 interact and the result does not depend on the batch size. The final (best) matching loss is reported per image:
 deep layers may not converge, and a STIR value means little when its inversion did not.
@@ -96,20 +98,31 @@ METRICS = ("stir", "noise", "cka")
 
 ModelLike = nn.Module | str
 DataLike = ImageData | str | torch.Tensor
+Bound = float | torch.Tensor  # a number, or per-channel bounds [1, C, 1, 1] (float32, CPU)
+DEFAULT_RANGE = (0.0, 1.0)
 
 
 # ================================================================================================ pure pieces
 
 
-def initial_noise(shape: Sequence[int], seed: int = 0) -> torch.Tensor:
+def initial_noise(shape: Sequence[int], seed: int = 0, input_range: Any = DEFAULT_RANGE) -> torch.Tensor:
     """The seeded start of every inversion: clamp(N(0, 1), 0, 1) of ``shape``, float32 on the CPU.
 
     Drawn on the CPU from its own stream (``seeds.generator("invariance/start", seed)``), so it depends neither
     on the device, the global RNG, the batch size nor any seed a model was trained with (the STIR reference's
     ``super-noise`` start, clamped to the image range).
+
+    ``input_range=(lo, hi)`` (numbers or per-channel bounds, :func:`invert`): the same draw mapped into the
+    range, lo + (hi - lo) * clamp(N(0, 1), 0, 1), so it lies in [lo, hi] and is exactly the normalised image of
+    the [0, 1] start when the range is the image of [0, 1] under the model's normalisation (x - mean) / std. The
+    default (0, 1) is bit-for-bit the plain clamp.
     """
+    lo, hi = _check_range(input_range, int(shape[1]) if len(shape) >= 2 else None)
     gen = generator("invariance/start", int(seed))
-    return torch.randn(tuple(shape), generator=gen, dtype=torch.float32).clamp_(0.0, 1.0)
+    noise = torch.randn(tuple(shape), generator=gen, dtype=torch.float32).clamp_(0.0, 1.0)
+    if _is_default_range(lo, hi):
+        return noise
+    return (noise * (hi - lo) + lo).clamp_(lo, hi)  # the final clamp only guards against rounding
 
 
 def matching_loss(features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -122,10 +135,76 @@ def matching_loss(features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (f - t).norm(dim=1) / t.norm(dim=1).clamp_min(1e-12)
 
 
-def _normalised_step(x: torch.Tensor, grad: torch.Tensor, step_size: float) -> torch.Tensor:
-    """x <- clamp(x - s g / |g|_2, 0, 1) with the L2 norm taken per sample (a zero gradient leaves x as is)."""
+def _normalised_step(x: torch.Tensor, grad: torch.Tensor, step_size: float, lo: Bound = 0.0,
+                     hi: Bound = 1.0) -> torch.Tensor:
+    """x <- clamp(x - s g / |g|_2, lo, hi) with the L2 norm taken per sample (a zero gradient leaves x as is)."""
     norm = grad.reshape(grad.shape[0], -1).norm(dim=1).clamp_min(1e-12)
-    return (x - step_size * grad / norm.view(-1, *([1] * (grad.ndim - 1)))).clamp_(0.0, 1.0)
+    return (x - step_size * grad / norm.view(-1, *([1] * (grad.ndim - 1)))).clamp_(lo, hi)
+
+
+def _as_bound(value: Any, name: str) -> Bound:
+    """A number as a float; a tensor or sequence of numbers as float32 [1, C, 1, 1] on the CPU."""
+    if isinstance(value, bool):
+        raise LayerlabError(f"input_range: {name} must be a number or a per-channel tensor, got {value!r}")
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return float(value)
+    try:
+        t = torch.as_tensor(value).detach().to("cpu", torch.float32)
+    except (TypeError, ValueError, RuntimeError):
+        raise LayerlabError(
+            f"input_range: {name} must be a number or a per-channel tensor, got {type(value).__name__}"
+        ) from None
+    if t.ndim == 0:
+        return t.reshape(1, 1, 1, 1)
+    if t.ndim == 1:
+        t = t.reshape(1, -1, 1, 1)
+    elif t.ndim == 3:
+        t = t.unsqueeze(0)
+    if t.ndim != 4 or t.shape[0] != 1 or t.shape[2] != 1 or t.shape[3] != 1:
+        raise LayerlabError(
+            f"input_range: {name} of shape {tuple(torch.as_tensor(value).shape)} is not per-channel; pass a number "
+            "or a tensor of shape [C], [C, 1, 1] or [1, C, 1, 1]"
+        )
+    return t.contiguous()
+
+
+def _check_range(input_range: Any, channels: int | None = None) -> tuple[Bound, Bound]:
+    """Validated (lo, hi): numbers as floats, per-channel bounds as float32 [1, C, 1, 1]; lo < hi everywhere."""
+    if isinstance(input_range, (str, bytes)) or not isinstance(input_range, Sequence) or len(input_range) != 2:
+        raise LayerlabError(
+            f"input_range: expected (lo, hi), e.g. (0.0, 1.0) or per-channel tensors, got {input_range!r}"
+        )
+    lo, hi = _as_bound(input_range[0], "lo"), _as_bound(input_range[1], "hi")
+    lt, ht = torch.as_tensor(lo).reshape(1, -1, 1, 1), torch.as_tensor(hi).reshape(1, -1, 1, 1)
+    if lt.shape[1] != ht.shape[1] and 1 not in (lt.shape[1], ht.shape[1]):
+        raise LayerlabError(f"input_range: lo has {lt.shape[1]} channels but hi has {ht.shape[1]}")
+    for t, n in ((lt, "lo"), (ht, "hi")):
+        if channels is not None and t.shape[1] not in (1, channels):
+            raise LayerlabError(
+                f"input_range: {n} holds {t.shape[1]} per-channel bounds but the images have {channels} channels"
+            )
+    if not bool(torch.isfinite(lt).all() and torch.isfinite(ht).all()):
+        raise LayerlabError(f"input_range: bounds must be finite, got lo={_fmt(lo)}, hi={_fmt(hi)}")
+    if not bool((lt < ht).all()):
+        raise LayerlabError(f"input_range: expected lo < hi (in every channel), got lo={_fmt(lo)}, hi={_fmt(hi)}")
+    return lo, hi
+
+
+def _fmt(bound: Bound) -> str:
+    if isinstance(bound, float):
+        return f"{bound:.4g}"
+    return "[" + ", ".join(f"{v:.4g}" for v in bound.reshape(-1).tolist()) + "]"
+
+
+def _is_default_range(lo: Bound, hi: Bound) -> bool:
+    return bool((torch.as_tensor(lo) == 0.0).all() and (torch.as_tensor(hi) == 1.0).all())
+
+
+def _range_config(lo: Bound, hi: Bound) -> list[Any] | None:
+    """The range as plain JSON-able values for cache keys and store configs; None for the default (0, 1)."""
+    if _is_default_range(lo, hi):
+        return None
+    return [b if isinstance(b, float) else [float(v) for v in b.reshape(-1).tolist()] for b in (lo, hi)]
 
 
 # ================================================================================================ validation
@@ -171,8 +250,10 @@ def default_layers(model: nn.Module, k: int = 6) -> list[str]:
     return [names[p] for p in picks]
 
 
-def _check_input_images(images: Any, name: str = "images") -> torch.Tensor:
+def _check_input_images(images: Any, name: str = "images", lo: Bound = 0.0, hi: Bound = 1.0) -> torch.Tensor:
     check_images(images, name=name)
+    if not _is_default_range(lo, hi):
+        return _check_ranged_images(images, name, lo, hi)
     if not images.is_floating_point():
         raise ShapeError(
             f"{name}: expected float images in [0, 1], got dtype {images.dtype}; convert uint8 images with "
@@ -183,6 +264,29 @@ def _check_input_images(images: Any, name: str = "images") -> torch.Tensor:
         raise ShapeError(
             f"{name}: expected values in [0, 1] (normalisation belongs inside the model), got range [{lo:.3g}, "
             f"{hi:.3g}]; pass unnormalised images"
+        )
+    return images
+
+
+def _check_ranged_images(images: torch.Tensor, name: str, lo: Bound, hi: Bound) -> torch.Tensor:
+    """Float images within a non-default input range (per channel when the bounds are)."""
+    if not images.is_floating_point():
+        raise ShapeError(f"{name}: expected float images in input_range [{_fmt(lo)}, {_fmt(hi)}], got dtype "
+                         f"{images.dtype}")
+    x = images.detach()
+    if not bool(torch.isfinite(x).all()):
+        raise ShapeError(f"{name}: the images hold NaN or inf")
+    per_channel = not (isinstance(lo, float) and isinstance(hi, float))
+    if per_channel:
+        mins, maxs = x.amin(dim=(0, 2, 3)).cpu().view(1, -1, 1, 1), x.amax(dim=(0, 2, 3)).cpu().view(1, -1, 1, 1)
+    else:
+        mins, maxs = x.min().cpu(), x.max().cpu()
+    if not bool((mins >= torch.as_tensor(lo)).all() and (maxs <= torch.as_tensor(hi)).all()):
+        got = (f"[{_fmt(mins.float())}, {_fmt(maxs.float())}] per channel" if per_channel
+               else f"[{float(mins):.4g}, {float(maxs):.4g}]")
+        raise ShapeError(
+            f"{name}: values outside input_range [{_fmt(lo)}, {_fmt(hi)}], got {got}; pass images in the space "
+            "the model takes (e.g. normalised with the same mean/std as the range) or fix input_range"
         )
     return images
 
@@ -252,7 +356,8 @@ def _probe(model: nn.Module, layer: str, images: torch.Tensor, device: torch.dev
 
 
 def _invert_batch(model: nn.Module, layer: str, images: torch.Tensor, start: torch.Tensor, steps: int,
-                  step_size: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+                  step_size: float, device: torch.device, lo: Bound = 0.0,
+                  hi: Bound = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     amp = _autocast(device)
     with torch.no_grad(), amp:
         target = _features(model, layer, images).float()
@@ -273,7 +378,7 @@ def _invert_batch(model: nn.Module, layer: str, images: torch.Tensor, start: tor
             break
         (grad,) = torch.autograd.grad(loss.sum(), x)
         with torch.no_grad():
-            x = _normalised_step(x.detach(), grad, step_size)
+            x = _normalised_step(x.detach(), grad, step_size, lo, hi)
     return best, best_loss
 
 
@@ -286,6 +391,7 @@ def invert(
     seed: int = 0,
     batch_size: int = 128,
     device: str | torch.device | None = None,
+    input_range: Any = DEFAULT_RANGE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Invert ``model``'s representation at ``layer``: images X' that ``layer`` sees like ``images`` (module doc).
 
@@ -299,9 +405,14 @@ def invert(
         seed: seed of the initial noise (:func:`initial_noise`); same seed, same X'.
         batch_size: images optimised together (memory only: the result does not depend on it).
         device: where to compute, default the model's (bf16 autocast on CUDA); the model is never moved.
+        input_range: (lo, hi) of the inputs the model takes, default (0.0, 1.0); numbers or per-channel tensors
+            ([C], [C, 1, 1] or [1, C, 1, 1]) for a model that takes normalised inputs, e.g. ImageNet
+            ((0 - mean) / std, (1 - mean) / std) or (-1.0, 1.0). ``images`` must lie in it; the start noise is
+            mapped into it (:func:`initial_noise`) and every step is clamped to it. ``step_size`` stays in input
+            units: for inputs normalised by a common std, s / std is the step that matches s on [0, 1] images.
 
     Returns:
-        (inverted images [N, C, H, W] float32 on the CPU in [0, 1], final matching loss per image [N]).
+        (inverted images [N, C, H, W] float32 on the CPU in ``input_range``, final matching loss per image [N]).
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
@@ -309,20 +420,23 @@ def invert(
         >>> x_inv.shape, loss.shape, 0.0 <= float(x_inv.min()) <= float(x_inv.max()) <= 1.0
         (torch.Size([8, 1, 8, 8]), torch.Size([8]), True)
     """
-    _check_input_images(images)
+    check_images(images)
+    lo, hi = _check_range(input_range, int(images.shape[1]))
+    _check_input_images(images, "images", lo, hi)
     steps = _positive_int(steps, "steps", minimum=0)
     batch_size = _positive_int(batch_size, "batch_size")
     if not (isinstance(step_size, (int, float)) and math.isfinite(step_size) and step_size > 0):
         raise LayerlabError(f"step_size: expected a positive number (the reference uses 0.5), got {step_size!r}")
     (layer,) = _layer_names(model, [layer])
     dev = _device(model, device)
-    start = initial_noise(images.shape, seed)
+    start = initial_noise(images.shape, seed, (lo, hi))
+    lo_d, hi_d = (b if isinstance(b, float) else b.to(dev) for b in (lo, hi))
     out_x, out_loss = [], []
     with _frozen(model), torch.inference_mode(False):
         _probe(model, layer, images, dev)
         for b in range(0, images.shape[0], batch_size):
             x, l = _invert_batch(model, layer, images[b : b + batch_size].to(dev).float(),
-                                 start[b : b + batch_size].to(dev), steps, float(step_size), dev)
+                                 start[b : b + batch_size].to(dev), steps, float(step_size), dev, lo_d, hi_d)
             out_x.append(x.float().cpu())
             out_loss.append(l.float().cpu())
     return torch.cat(out_x), torch.cat(out_loss)
@@ -431,8 +545,12 @@ class InversionCache:
         self.disk_hits = 0
 
     @staticmethod
-    def key(weights: str, layer: str, images: str, *, seed: int, steps: int, step_size: float, precision: str) -> str:
+    def key(weights: str, layer: str, images: str, *, seed: int, steps: int, step_size: float, precision: str,
+            input_range: Any = DEFAULT_RANGE) -> str:
         blob = f"v{VERSION}|{weights}|{layer}|{images}|{seed}|{steps}|{float(step_size)!r}|{precision}"
+        extra = _range_config(*_check_range(input_range))
+        if extra is not None:  # only a non-default range enters the key: default keys are unchanged
+            blob += f"|range={extra!r}"
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
     def path(self, key: str) -> Path | None:
@@ -455,11 +573,13 @@ class InversionCache:
 
     def get(self, model: nn.Module, layer: str, images: torch.Tensor, *, steps: int, step_size: float = 0.5,
             seed: int = 0, batch_size: int = 128, device: str | torch.device | None = None,
-            weights: str | None = None, images_key: str | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
+            weights: str | None = None, images_key: str | None = None,
+            input_range: Any = DEFAULT_RANGE) -> tuple[torch.Tensor, torch.Tensor, str]:
         """``invert(model, layer, images, ...)`` once per key; returns (images, loss, key)."""
         dev = _device(model, device)
         key = self.key(weights or _fingerprint(model), layer, images_key or _tensor_fingerprint(images), seed=seed,
-                       steps=steps, step_size=step_size, precision="bf16" if dev.type == "cuda" else "fp32")
+                       steps=steps, step_size=step_size, precision="bf16" if dev.type == "cuda" else "fp32",
+                       input_range=input_range)
         if key in self._memory:
             self.memory_hits += 1
             return (*self._memory[key], key)
@@ -468,7 +588,7 @@ class InversionCache:
             self.disk_hits += 1
             return (*found, key)
         x, loss = invert(model, layer, images, steps=steps, step_size=step_size, seed=seed, batch_size=batch_size,
-                         device=dev)
+                         device=dev, input_range=input_range)
         self.computed += 1
         self._memory[key] = (x, loss)
         p = self.path(key)
@@ -485,16 +605,17 @@ class InversionCache:
 # ================================================================================================ the grid
 
 
-def _as_images(data: DataLike, images: int | str | None, seed: int, split: str) -> tuple[torch.Tensor, list[int], str]:
+def _as_images(data: DataLike, images: int | str | None, seed: int, split: str,
+               input_range: tuple[Bound, Bound] = DEFAULT_RANGE) -> tuple[torch.Tensor, list[int], str]:
     """(float images [N, C, H, W] in [0, 1], source indices, description) of a fixed seeded subset.
 
     ``images="auto"``: DEFAULT_IMAGES, or every image when the data holds fewer; an explicit number larger
     than the data is an error (never silently fewer)."""
     if images == "auto":
         try:
-            return _as_images(data, DEFAULT_IMAGES, seed, split)
+            return _as_images(data, DEFAULT_IMAGES, seed, split, input_range)
         except DataError:
-            return _as_images(data, None, seed, split)
+            return _as_images(data, None, seed, split, input_range)
     if isinstance(data, str):
         d = load_data(data, split, n=images, seed=seed)
         return d.float(), d.indices.tolist(), f"{data} [{split}]"
@@ -502,7 +623,7 @@ def _as_images(data: DataLike, images: int | str | None, seed: int, split: str) 
         d = data.sample(images, seed)  # the same seeded choice load_data makes; too many is an error
         return d.float(), d.indices.tolist(), f"{data.spec or 'in-memory'} [{data.split}]"
     if isinstance(data, torch.Tensor):
-        x = _check_input_images(data, "data")
+        x = _check_input_images(data, "data", *input_range)
         rows = subset_rows(x.shape[0], images, seed, "the image tensor")
         return x[rows].detach().float().cpu(), rows.tolist(), "tensor"
     raise LayerlabError(
@@ -562,6 +683,7 @@ def invariance_grid(
     cache_dir: str | Path | None = None,
     store: Store | str | Path | None = None,
     progress: bool = False,
+    input_range: Any = DEFAULT_RANGE,
 ) -> dict[str, pd.DataFrame]:
     """STIR between a pretrained and a finetuned model (and a scratch control), every layer pair, both ways.
 
@@ -575,7 +697,8 @@ def invariance_grid(
         data: a data spec, an ImageData or float images [N, C, H, W] in [0, 1]; ``images`` picks a fixed
             seeded subset (``seed``) of ``split``: ``"auto"`` (default) 128 images or all when fewer, ``None`` all.
         layers: module paths or labels, the same in every model; default :func:`default_layers` of ``pretrained``.
-        steps, step_size, seed: the inversion (:func:`invert`).
+        steps, step_size, seed, input_range: the inversion (:func:`invert`); with a non-default
+            ``input_range`` pass ``data`` as an image tensor already in that range (every model takes it).
         estimator: linear CKA estimator, ``biased`` (full N, default) or ``unbiased``.
         cache / cache_dir: share inversions across calls / persist them (default: ``STORE/cache/inversions``
             when ``store`` is given, else memory only).
@@ -607,8 +730,10 @@ def invariance_grid(
     for role, m in models.items():
         _layer_names(m, names)  # every model must have the layers
     devices = {role: _device(m, device) for role, m in models.items()}
-    X, indices, described = _as_images(data, images, seed, split)
-    _check_input_images(X, "data")
+    rng = _check_range(input_range)
+    X, indices, described = _as_images(data, images, seed, split, rng)
+    rng = _check_range(rng, int(X.shape[1]))
+    _check_input_images(X, "data", *rng)
     for role, m in models.items():
         with _frozen(m):
             _probe(m, names[-1], X, devices[role])
@@ -623,6 +748,8 @@ def invariance_grid(
     base_cfg = {"version": VERSION, "weights": weights, "images": images_key, "n": int(X.shape[0]),
                 "layers": names, "steps": steps, "step_size": float(step_size), "seed": seed,
                 "estimator": estimator, "precision": precision}
+    if (range_cfg := _range_config(*rng)) is not None:  # only when not the default: default keys are unchanged
+        base_cfg["input_range"] = range_cfg
     common = {"estimator": estimator, "images": int(X.shape[0]), "steps": steps, "step_size": float(step_size),
               "seed": seed}
 
@@ -642,7 +769,7 @@ def invariance_grid(
             pending.append((role, i, layer))
 
     if pending:
-        noise = initial_noise(X.shape, seed)
+        noise = initial_noise(X.shape, seed, rng)
         grams_x = {r: _layer_grams(m, names, X, batch_size, devices[r]) for r, m in models.items()}
         grams_0 = {r: _layer_grams(m, names, noise, batch_size, devices[r]) for r, m in models.items()}
         bar = _progress(len(pending), progress)
@@ -652,7 +779,7 @@ def invariance_grid(
                 t0 = time.time()
                 x_inv, loss, ckey = cache.get(m1, layer, X, steps=steps, step_size=step_size, seed=seed,
                                               batch_size=batch_size, device=devices[role], weights=weights[role],
-                                              images_key=images_key)
+                                              images_key=images_key, input_range=rng)
                 seconds = time.time() - t0
                 init = _losses(m1, layer, noise, X, batch_size, devices[role])
                 rows = []
