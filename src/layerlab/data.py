@@ -29,6 +29,7 @@ turns either into float32 in [0, 1], the one input convention of every model and
 from __future__ import annotations
 
 import csv
+from abc import ABC, abstractmethod
 import functools
 import pickle
 import warnings
@@ -560,7 +561,7 @@ def check_batch_labels(num_outputs: int, labels: torch.Tensor, what: str, data: 
         )
 
 
-class Batches:
+class Batches(ABC):
     """A re-iterable, ordered source of ``(inputs, labels)`` batches: what an analysis reads its images from.
 
     Every pass yields the same images in the same order. ``inputs`` are what the model is fed (float; spec data in
@@ -574,8 +575,9 @@ class Batches:
     classes: list[str] | None = None
     streamed = False  # True: images are produced batch by batch and never all held
 
-    def batches(self, device: str | torch.device = "cpu"):  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def batches(self, device: str | torch.device = "cpu"):
+        """Yield ``(inputs, labels)`` on ``device``, the same images in the same order on every pass."""
 
     def __iter__(self):
         return self.batches()
@@ -584,8 +586,9 @@ class Batches:
         return int(self.indices.shape[0])
 
     @property
-    def indices(self) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def indices(self) -> torch.Tensor:
+        """Each image's position in the data the user passed (its source index for spec data)."""
 
     @property
     def num_classes(self) -> int:
@@ -595,14 +598,16 @@ class Batches:
         """The number of images when known without reading the data (a DataLoader's only after a full pass)."""
         return len(self)
 
-    def describe(self) -> str:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def describe(self) -> str:
+        """How error messages name this data."""
 
     def check_outputs(self, num_outputs: int, what: str) -> None:
         """Up-front label check where all labels are known (in-memory data); streams check batch by batch."""
 
-    def fingerprint(self) -> str:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def fingerprint(self) -> str:
+        """A store key for these images and labels."""
 
 
 class TensorBatches(Batches):
