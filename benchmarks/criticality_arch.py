@@ -48,7 +48,8 @@ import torch
 from torch import nn
 
 from layerlab import load_data, load_model
-from layerlab.criticality import Pipeline, _eval_mode, criticality, units_of
+from layerlab.criticality import Pipeline, criticality, units_of
+from layerlab.runtime import eval_mode
 from layerlab.data import ImageData
 
 VIT = "timm:vit_tiny_patch16_224?img_size=32&patch_size=4&depth=6&num_classes=10"
@@ -110,7 +111,7 @@ def make_confident(model: nn.Module, data: ImageData, target: float, batch_size:
     head_name, head = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
     feats: list[torch.Tensor] = []
     hook = head.register_forward_hook(lambda _m, inp, _out: feats.append(inp[0].detach().flatten(1).double()))
-    with _eval_mode(model):
+    with eval_mode(model):
         for x, _ in data.batches(batch_size):
             model(x)
     hook.remove()
@@ -126,7 +127,7 @@ def make_confident(model: nn.Module, data: ImageData, target: float, batch_size:
     bias = w[-1] - mu @ weight
     if head.bias is not None:
         head.bias.copy_(bias.to(head.bias.dtype))
-    with _eval_mode(model):
+    with eval_mode(model):
         logits = torch.cat([model(xb) for xb, _ in data.batches(batch_size)])
     acc = float((logits.argmax(1) == data.labels).float().mean())
     conf = float(logits.softmax(1).max(1).values.mean())
@@ -140,7 +141,7 @@ def stage_costs(model: nn.Module, data: ImageData, batch_size: int, reps: int) -
     """Seconds per stage of the validated chain over all images (per stage the fastest of ``reps`` passes after a
     warm-up pass)."""
     pipe = Pipeline(model, torch.device("cpu"), amp=False, channels_last=False)
-    with _eval_mode(model), warnings.catch_warnings():
+    with eval_mode(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a fallback shows as a 1-stage chain in the table
         first = next(iter(data.batches(batch_size)))[0]
         pipe.validate(pipe.input(first), "benchmark")

@@ -18,6 +18,7 @@ import layerlab.criticality as crit
 from layerlab import load_data
 from layerlab.errors import DataError, LayerlabError, ShapeError
 from layerlab.models import fresh_model, fresh_source, load_model, save_checkpoint
+from layerlab.runtime import eval_mode
 from layerlab.seeds import derive_seed, global_seed
 
 DATA = "digits?size=16"
@@ -439,7 +440,7 @@ def test_criticality_of_any_architecture_equals_the_plain_reference(arch, images
         table = crit.criticality(model, loader, trials=1, fresh=build)
         _assert_restored(model, snap)
         pipe = crit.Pipeline(model, torch.device("cpu"), amp=False, channels_last=False)
-        with crit._eval_mode(model):
+        with eval_mode(model):
             pipe.validate(x[:8], arch)
     assert len(pipe.stages) > 2, arch  # split at block granularity, not run whole
     modules = dict(model.named_modules())

@@ -53,14 +53,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .data import Batches, DataLike, ImageData, as_batches, check_batch_labels
+from .data import (
+    Batches, DataLike, ImageData, as_batches, batch_checksum, changed_between_passes, check_batch_labels,
+)
 from .errors import DataError, LayerlabError, NonFiniteError, ShapeError, check_finite, input_mismatch
 from . import structure
 from .layers import pick_by_name
 from .structure import Stage
 from .models import FreshSource, Normalized, checkpoint_state, fresh_source, load_model
 from .runs import checkpoint_path, checkpoints as run_checkpoints
-from .runtime import resolve_device
+from .runtime import eval_mode, resolve_device
 from .seeds import derive_seed, generator
 from .store import Store, job_key
 
@@ -436,18 +438,6 @@ class Pipeline:
 # ========================================================================================== model handling
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the duration, then every submodule's own training flag back, even after an exception."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
 def _fingerprint(model: nn.Module) -> str:
     """sha256 of the architecture spec and every state tensor: the weights part of a job's key."""
     h = hashlib.sha256(str(getattr(model, "layerlab_arch", type(model).__name__)).encode())
@@ -654,7 +644,7 @@ class _Traces:
         self.pipe, self.data, self.keep, self.what = pipe, data, keep, what
         logits, labels, cache = first
         self._first: Trace = (logits, labels, {k: cache[k] for k in keep})
-        self._x0 = _checksum(x0, labels)
+        self._x0 = batch_checksum(x0, labels)
         per_batch = sum(t.numel() * t.element_size() for t in self._first[2].values()) + logits.numel() * 4
         self.per_chunk = max(1, int(max_bytes // max(per_batch, 1)))
         self._held: list[Trace] | None = None
@@ -677,10 +667,8 @@ class _Traces:
         k = n = 0
         while upcoming is not None:
             x, labels = upcoming
-            if k == 0 and _checksum(x, labels) != self._x0:
-                raise DataError(f"{self.data.describe()} yielded different images on another pass (batch 0): an "
-                                "analysis reads its data several times and needs the same images in the same order; "
-                                "turn off shuffling and random augmentation")
+            if k == 0 and batch_checksum(x, labels) != self._x0:
+                raise changed_between_passes(self.data.describe(), 0)
             chunk.append(self._first if k == 0 else self._trace(x, labels))
             k, n = k + 1, n + labels.shape[0]
             upcoming = next(source, None)
@@ -691,10 +679,6 @@ class _Traces:
                         self._held = chunk
                 yield chunk, upcoming is None
                 chunk = []
-
-
-def _checksum(x: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, int]:
-    return float(x.double().sum()), float(x.double().square().sum()), int(labels.sum())
 
 
 def _first_batch(data: Batches, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1030,7 +1014,7 @@ def _criticality_model(
                 st.write(ANALYSIS, job_key(name, ANALYSIS, cfg), _rows_frame([row]), meta)
             rows.append(row)
 
-    with _eval_mode(model):
+    with eval_mode(model):
         _evaluate(name, pipe, data, tasks, batch_size=run_opts["batch_size"], naive=run_opts["naive"],
                   max_bytes=run_opts["max_bytes"], on_done=done, advance=bar.update)
     return rows
@@ -1198,7 +1182,7 @@ def module_criticality(
                 continue
             theta0 = _ReferenceCache().get(model, init)
             pipe = Pipeline(model, dev, amp=False, channels_last=False)
-            with _eval_mode(model):
+            with eval_mode(model):
                 x0, y0 = _first_batch(data, pipe.device)
                 logits0, cache0 = pipe.validate(pipe.input(x0), f"model {name!r}")
                 data.check_outputs(logits0.shape[-1], f"model {name!r}")

@@ -707,6 +707,19 @@ class DatasetBatches(Batches):
         return _stream_fingerprint(self, f"dataset|{type(self.dataset).__name__}|{len(self.rows)}")
 
 
+def batch_checksum(x: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, int]:
+    """(sum, sum of squares, label sum) of one batch in float64: what the same batch must give on a later pass."""
+    xd = x.detach().double()
+    return float(xd.sum()), float(xd.square().sum()), int(labels.sum())
+
+
+def changed_between_passes(source: str, batch: int) -> DataError:
+    """The error for data that yielded different images on another pass (shuffling, random augmentation)."""
+    return DataError(f"{source} yielded different images on another pass (batch {batch}): an analysis reads its data "
+                     "several times and needs the same images in the same order; turn off shuffling and random "
+                     "augmentation")
+
+
 class LoaderBatches(Batches):
     """A ``DataLoader`` (or any re-iterable of batches): its batches in the order it yields them, the first
     ``limit`` images (all when None). Batches are ``images``, ``(images, labels, ...)`` or a dict with an image and a
@@ -765,12 +778,9 @@ class LoaderBatches(Batches):
             labels = _as_labels(y, x.shape[0], f"{self.describe()} labels")
             if self.limit is not None and seen + x.shape[0] > self.limit:
                 x, labels = x[: self.limit - seen], labels[: self.limit - seen]
-            xf = x.detach()
-            check = (float(xf.double().sum()), float(xf.double().square().sum()), int(labels.sum()))
+            check = batch_checksum(x, labels)
             if self._sums is not None and (k >= len(self._sums) or self._sums[k] != check):
-                raise DataError(f"{self.describe()} yielded different images on another pass (batch {k}): an "
-                                "analysis reads its data several times and needs the same images in the same order; "
-                                "turn off shuffling and random augmentation")
+                raise changed_between_passes(self.describe(), k)
             sums.append(check)
             seen += x.shape[0]
             yield as_model_input(x, device), labels.to(device)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import runtime
+from .runtime import eval_mode
 from .errors import LayerlabError, ShapeError, check_images
 
 __all__ = ["Extractor", "as_input", "forward_until", "iter_features"]
@@ -257,14 +258,9 @@ def iter_features(
             "first or pass the model's device"
         )
     extractor = Extractor(model, layers, pool=pool, flatten=flatten, include_output=include_output, transform=transform)
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
+    with eval_mode(model):
         for start in range(0, images.shape[0], batch_size):
             batch = as_input(images[start : start + batch_size].to(device, non_blocking=True), channels_last)
             with torch.inference_mode():
                 feats = extractor(batch)
             yield feats
-    finally:
-        for m, mode in modes.items():
-            m.training = mode

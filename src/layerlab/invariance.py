@@ -66,7 +66,7 @@ from .errors import DataError, LayerlabError, NonFiniteError, ShapeError, check_
 from .features import forward_until, iter_features
 from .layers import display_label, list_layers as learnable_layers
 from .models import load_model
-from .runtime import resolve_device
+from .runtime import eval_mode, resolve_device
 from .seeds import generator
 from .similarity import cka_from_grams, gram_linear
 from .store import Store, atomic_write, job_key
@@ -312,18 +312,15 @@ def _positive_int(value: Any, name: str, minimum: int = 1) -> int:
 @contextmanager
 def _frozen(model: nn.Module) -> Iterator[None]:
     """Eval mode and requires_grad=False for the duration; every flag restored afterwards, even after errors."""
-    modes = [(m, m.training) for m in model.modules()]
     grads = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        model.eval()
-        for p, _ in grads:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for m, flag in modes:
-            m.training = flag
-        for p, flag in grads:
-            p.requires_grad_(flag)
+    with eval_mode(model):
+        try:
+            for p, _ in grads:
+                p.requires_grad_(False)
+            yield
+        finally:
+            for p, flag in grads:
+                p.requires_grad_(flag)
 
 
 def _autocast(device: torch.device):

@@ -156,15 +156,11 @@ def num_outputs(model: nn.Module, sample: torch.Tensor) -> int:
 
     Measured rather than read from a head attribute, so it holds for every wrapper (Normalized, TrAct, timm heads).
     """
-    flags = [(m, m.training) for m in model.modules()]  # every submodule's own flag comes back, mixed modes too
-    model.eval()
-    try:
-        device = next(iter(model.parameters()), torch.empty(0)).device
-        with torch.no_grad():
-            out = model(sample[:1].to(device))
-    finally:
-        for m, flag in flags:
-            m.training = flag
+    from .runtime import eval_mode
+
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    with eval_mode(model), torch.no_grad():
+        out = model(sample[:1].to(device))
     return int(out.shape[-1])
 
 

@@ -17,12 +17,28 @@ True
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from torch import nn
 
 from .errors import LayerlabError
 
-__all__ = ["model_device", "resolve_device"]
+__all__ = ["eval_mode", "model_device", "resolve_device"]
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the duration, then every submodule's own training flag back (mixed modes too), even after
+    an exception: an analysis leaves the model as it was given."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
 
 
 def model_device(model: nn.Module) -> torch.device | None:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from layerlab.errors import LayerlabError, ShapeError
-from layerlab.runtime import resolve_device
+from layerlab.runtime import eval_mode, resolve_device
 
 __all__ = ["TrAct", "apply", "remove", "tract_gradient"]
 
@@ -452,19 +452,15 @@ def _forward_order(model: nn.Module, example_input: Tensor | None) -> tuple[list
             order.append(module)
 
     handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, _LAYER_TYPES)]
-    modes = [(m, m.training) for m in model.modules()]
     error: BaseException | None = None
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(probe)
     except Exception as err:  # noqa: BLE001 - the probe is a guess; the caller reports it when it matters
         error = err
     finally:
         for handle in handles:
             handle.remove()
-        for module, mode in modes:
-            module.training = mode
     if error is not None:
         error.probe_shape = tuple(probe.shape)  # type: ignore[attr-defined]
     return order, error
