@@ -170,7 +170,9 @@ def test_zoo_kill9_resumes_without_retraining(tmp_path, tiny_arch):
     cmd = [sys.executable, "-m", "layerlab.cli", "zoo", "train", str(zoo), "--out", str(out), "--threads", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not (out / "slow" / "last.pt").exists() and time.time() < deadline:
+    # an epoch is finished once both its resume state and its metrics row are written (two files, in that order)
+    while not ((out / "slow" / "last.pt").exists() and (out / "slow" / "metrics.csv").exists()) \
+            and time.time() < deadline:
         time.sleep(0.2)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
