@@ -21,7 +21,7 @@ ceiling: what suffix-only work allows at best, computed from timed stage costs c
 Naive and fast are interleaved round by round (``--rounds``; the order alternates between rounds); the table shows
 the median time of each, the median of the per-round paired ratios naive/fast and their min and max.
 
-    python benchmarks/criticality_arch.py               # all six, 128 images, T = 2, 3 rounds, 1 thread (~10 min)
+    python benchmarks/criticality_arch.py               # all eleven, 128 images, T = 2, 3 rounds, 1 thread (~25 min)
     python benchmarks/criticality_arch.py --archs vit,sequential --images 64 --rounds 1
 
 The models are untrained (nothing is downloaded). To make criticality mean something (an untrained head gives
@@ -53,6 +53,7 @@ from layerlab.runtime import eval_mode
 from layerlab.data import ImageData
 
 VIT = "timm:vit_tiny_patch16_224?img_size=32&patch_size=4&depth=6&num_classes=10"
+SWIN = "timm:swin_tiny_patch4_window7_224?img_size=32&window_size=4&num_classes=10"  # stages at 8, 4, 2, 1 px
 
 
 def sequential() -> nn.Module:
@@ -67,16 +68,31 @@ def sequential() -> nn.Module:
     )
 
 
+def tv_vit() -> nn.Module:
+    """torchvision's VisionTransformer at the timm ViT's geometry (32 px, patch 4, 6 layers, width 192, 3 heads)."""
+    import torchvision
+
+    return torchvision.models.VisionTransformer(image_size=32, patch_size=4, num_layers=6, num_heads=3, hidden_dim=192,
+                                                mlp_dim=768, num_classes=10)
+
+
+def _spec(spec: str) -> tuple[str, Callable[[], nn.Module], None]:
+    """An architecture given by its layerlab spec (which also builds the fresh instances)."""
+    return spec, lambda: load_model(spec), None
+
+
 # name -> (what it is, builder of the model, fresh= callable or None: the spec builds the fresh instances)
 ARCHS: dict[str, tuple[str, Callable[[], nn.Module], Callable[[], nn.Module] | None]] = {
-    "resnet18": ("timm:resnet18?num_classes=10", lambda: load_model("timm:resnet18?num_classes=10"), None),
-    "vit": (VIT, lambda: load_model(VIT), None),
-    "convnext_atto": ("timm:convnext_atto?num_classes=10", lambda: load_model("timm:convnext_atto?num_classes=10"),
-                      None),
-    "efficientnet_b0": ("timm:efficientnet_b0?num_classes=10",
-                        lambda: load_model("timm:efficientnet_b0?num_classes=10"), None),
-    "tv_resnet18": ("torchvision:resnet18?num_classes=10", lambda: load_model("torchvision:resnet18?num_classes=10"),
-                    None),
+    "resnet18": _spec("timm:resnet18?num_classes=10"),
+    "vit": _spec(VIT),
+    "convnext_atto": _spec("timm:convnext_atto?num_classes=10"),
+    "efficientnet_b0": _spec("timm:efficientnet_b0?num_classes=10"),
+    "swin": _spec(SWIN),
+    "regnetx_002": _spec("timm:regnetx_002?num_classes=10"),
+    "tv_resnet18": _spec("torchvision:resnet18?num_classes=10"),
+    "tv_vit": ("torchvision VisionTransformer (32 px, patch 4, 6 layers, width 192, 3 heads, mlp 768)", tv_vit, tv_vit),
+    "tv_mobilenet_v2": _spec("torchvision:mobilenet_v2?num_classes=10"),
+    "tv_densenet121": _spec("torchvision:densenet121?num_classes=10"),
     "sequential": ("hand-written nn.Sequential (6 conv-BN-ReLU, pool, 2 Linear)", sequential, sequential),
 }
 

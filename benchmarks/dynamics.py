@@ -43,7 +43,7 @@ def make_run(root: Path, k: int, seed: int = 0) -> Path:
     (run / "run.json").write_text(json.dumps({"arch": ARCH, "data": DATA, "seed": seed}))
     torch.manual_seed(seed)
     model = load_model(ARCH, num_classes=10)
-    data = load_data(DATA, "train", n=512, seed=seed)
+    data = load_data(DATA, "train", images=512, seed=seed)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     for epoch in range(k):
         save_checkpoint(model, checkpoint_path(run, epoch), epoch=epoch)
@@ -92,7 +92,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         run = make_run(Path(tmp), k)
         layers = default_layers(load_model(f"file:{checkpoint_path(run, 0)}"))
-        x = load_data(DATA, "test", n=n, seed=0).float()
+        x = load_data(DATA, "test", images=n, seed=0).float()
         n = x.shape[0]
         print(f"narrow ResNet-18 on {DATA}: {k} checkpoints, {len(layers)} layers + output, {n} probe images, "
               f"{args.threads} threads, torch {torch.__version__}")

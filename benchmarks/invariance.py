@@ -57,7 +57,7 @@ def main() -> None:
     torch.manual_seed(0)
     pt = load_model(ARCH)
     models = {"pretrained": pt, "finetuned": perturbed(pt)}
-    X = load_data(DATA, "test", n=args.images, seed=0).float()
+    X = load_data(DATA, "test", images=args.images, seed=0).float()
     L = len(LAYERS)
     print(f"models: {ARCH} and a perturbed copy; {args.images} images of {DATA}; layers {LAYERS}; "
           f"{args.steps} steps; torch threads {args.threads}")

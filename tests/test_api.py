@@ -138,3 +138,15 @@ def test_invariance_takes_images_as_its_subset_size():
     x = torch.rand(10, 1, 8, 8)
     assert grid_images(x, images=4).shape == (4, 1, 8, 8)
     assert grid_images(x).shape == (10, 1, 8, 8)  # "auto": 128, or all when fewer
+
+
+def test_warnings_point_at_the_users_line_not_at_layerlab():
+    """``ll.criticality`` runs through the callable-module shim (_api.py) and several layerlab frames; the warning
+    about a model without a known constructor must name this file, where the user called it."""
+    from torch import nn
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    x, y = torch.rand(8, 3, 8, 8), torch.arange(8) % 10
+    with pytest.warns(UserWarning, match="reset_parameters") as caught:
+        ll.criticality(net, (x, y), trials=1, layers=["0"])
+    assert {w.filename for w in caught if "reset_parameters" in str(w.message)} == {__file__}

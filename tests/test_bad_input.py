@@ -13,7 +13,7 @@ from helpers import run_cli
 
 from layerlab import runs
 from layerlab.data import ImageData, check_label_coverage, load_data, to_unit_float
-from layerlab.errors import DataError, NonFiniteError, ShapeError, SpecError
+from layerlab.errors import DataError, LayerlabError, NonFiniteError, ShapeError, SpecError
 from layerlab.models import load_model, num_outputs, save_checkpoint
 from layerlab.train import evaluate, recipe, train
 
@@ -40,7 +40,7 @@ def test_more_images_than_the_split_holds_names_its_size():
     held = len(load_data(SMALL, "test"))
     expect = re.escape(f"asked for 100000 images but the test split of '{SMALL}' holds {held}; pass --images {held} or fewer")
     with pytest.raises(DataError, match=expect):
-        load_data(SMALL, "test", n=100000)
+        load_data(SMALL, "test", images=100000)
     with pytest.raises(DataError, match=expect):
         load_data(SMALL, "test").sample(100000, seed=0)
     for bad in (0, -3):
@@ -72,7 +72,7 @@ def test_label_coverage_names_both_counts():
 def test_five_class_checkpoint_on_ten_class_digits(tmp_path, monkeypatch, capsys):
     five = load_model(f"{ARCH}&num_classes=5")
     path = save_checkpoint(five, tmp_path / "five.pt")
-    data = load_data(SMALL, "test", n=20, seed=0)
+    data = load_data(SMALL, "test", images=20, seed=0)
     assert num_outputs(five, data.float()) == 5
     with pytest.raises(DataError, match=re.escape(f"has 5 outputs but '{SMALL}' has 10 classes")):
         evaluate(five, data)
@@ -83,7 +83,7 @@ def test_five_class_checkpoint_on_ten_class_digits(tmp_path, monkeypatch, capsys
 
 # ------------------------------------------------------------------------------------ 3. float images in [0, 1]
 def test_float_images_equal_their_uint8_original():
-    u8 = load_data(SMALL, "test", n=40, seed=1)
+    u8 = load_data(SMALL, "test", images=40, seed=1)
     as_float = ImageData(u8.images.float() / 255, u8.labels, u8.indices, u8.classes, u8.spec, u8.split)
     assert torch.equal(as_float.float(), u8.float())
     for (xf, yf), (xu, yu) in zip(as_float.batches(16), u8.batches(16), strict=True):
@@ -94,7 +94,7 @@ def test_float_images_equal_their_uint8_original():
 
 
 def test_float_images_outside_unit_range_or_misshapen_are_errors():
-    u8 = load_data(SMALL, "test", n=4, seed=0)
+    u8 = load_data(SMALL, "test", images=4, seed=0)
     with pytest.raises(DataError, match="images look like 0-255 floats: pass uint8 or divide by 255"):
         ImageData(u8.images.float(), u8.labels, u8.indices, u8.classes)
     with pytest.raises(DataError, match=r"\[0, 1\]"):
@@ -239,7 +239,7 @@ def test_criticality_of_float_images_equals_uint8():
     """Float images in [0, 1] were divided by 255 again (criticality 0.0 instead of the real value)."""
     import layerlab.criticality as crit
 
-    u8 = load_data(SMALL, "test", n=48, seed=2)
+    u8 = load_data(SMALL, "test", images=48, seed=2)
     as_float = ImageData(u8.images.float() / 255, u8.labels, u8.indices, u8.classes, u8.spec, u8.split)
     torch.manual_seed(3)
     model = load_model(f"{ARCH}&num_classes=10")
@@ -254,7 +254,7 @@ def test_images_that_do_not_fit_the_model_are_one_line(tmp_path, monkeypatch, ca
     RuntimeError (API) or a traceback (CLI)."""
     import layerlab.criticality as crit
 
-    one = load_data("digits?size=16&channels=1", "test", n=8, seed=0)
+    one = load_data("digits?size=16&channels=1", "test", images=8, seed=0)
     model = load_model(f"{ARCH}&num_classes=10")
     for naive in (False, True):
         with pytest.raises(ShapeError, match=r"cannot run on images of shape \(1, 16, 16\).*channels"):
@@ -268,7 +268,7 @@ def test_a_loader_with_fewer_images_than_asked_is_an_error():
     import layerlab.criticality as crit
     from torch.utils.data import DataLoader, TensorDataset
 
-    d = load_data(SMALL, "test", n=32, seed=0)
+    d = load_data(SMALL, "test", images=32, seed=0)
     loader = DataLoader(TensorDataset(d.float(), d.labels), batch_size=16)
     with pytest.raises(DataError, match="asked for 100000 images but .* yields 32"):
         crit.criticality(load_model(f"{ARCH}&num_classes=10"), loader, images=100000, layers=["fc"], trials=1)
@@ -279,10 +279,23 @@ def test_images_outside_unit_range_for_a_layerlab_model_are_an_error(tmp_path):
     tensor pair gave criticality ~100 and chance accuracy, silently."""
     import layerlab.criticality as crit
 
-    d = load_data(SMALL, "test", n=16, seed=0)
+    d = load_data(SMALL, "test", images=16, seed=0)
     model = load_model(f"{ARCH}&num_classes=10")
     for bad, shown in ((d.float() * 255, "[0, 255]"), (d.float() * 2 - 1, "[-1, 1]")):
         with pytest.raises(DataError, match=r"takes images in \[0, 1\]"):
             crit.criticality(model, (bad, d.labels), layers=["fc"], trials=1)
     ok = crit.criticality(model, (d.float(), d.labels), layers=["fc"], trials=1)
     assert ok["criticality"].notna().all()
+
+
+def test_lazy_module_before_its_first_forward_is_a_clear_error():
+    """A LazyLinear has no weight shape until a forward ran: listing or analysing it says so in one line."""
+    from torch import nn
+
+    from layerlab import list_layers
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(10))
+    with pytest.raises(LayerlabError, match=r"lazy module .*run one forward pass first"):
+        list_layers(net)
+    net(torch.zeros(1, 3, 8, 8))
+    assert [i.params for i in list_layers(net)] == [4 * 3 * 9 + 4, 4 * 36 * 10 + 10]

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def data():
-    return load_data(DATA, "test", n=24, seed=0)
+    return load_data(DATA, "test", images=24, seed=0)
 
 
 class Net(nn.Module):
@@ -361,23 +361,41 @@ def _timm(name: str, **kw):
     return lambda: timm.create_model(name, num_classes=10, **kw)
 
 
-def _tv_resnet18():
+def _tv(name: str, **kw):
     import torchvision
 
-    return torchvision.models.resnet18(num_classes=10)
+    return lambda: getattr(torchvision.models, name)(num_classes=10, **kw)
 
 
-MATRIX = {  # name: (constructor, blocks expected, layers naive=True re-checks)
-    "timm-resnet18": (_timm("resnet18", channels=(8, 16, 32, 64)), "layer1.0", ["conv1", "layer3.0.downsample.0", "fc"]),
+_SWIN = dict(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 1, 2, 2))
+_MOBILENET_V2 = dict(width_mult=0.25, inverted_residual_setting=[[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 2, 2],
+                                                                 [6, 64, 1, 2]])
+
+MATRIX = {  # name: (constructor, a block, a stage the chain must split off, layers naive=True re-checks)
+    "timm-resnet18": (_timm("resnet18", channels=(8, 16, 32, 64)), "layer1.0", "layer3.1",
+                      ["conv1", "layer3.0.downsample.0", "fc"]),
     "timm-vit-6": (_timm("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=6, embed_dim=32, num_heads=2),
-                   "blocks.0", ["patch_embed.proj", "blocks.2.attn.qkv", "blocks.5.mlp.fc2", "head"]),
-    "timm-convnext_atto": (_timm("convnext_atto", dims=(8, 16, 32, 64)), "stages.0.blocks.0",
+                   "blocks.0", "blocks.4", ["patch_embed.proj", "blocks.2.attn.qkv", "blocks.5.mlp.fc2", "head"]),
+    "timm-convnext_atto": (_timm("convnext_atto", dims=(8, 16, 32, 64)), "stages.0.blocks.0", "stages.2.blocks.1",
                            ["stem.0", "stages.2.downsample.1", "stages.3.blocks.1.mlp.fc1", "head.fc"]),
-    "timm-efficientnet_b0": (_timm("efficientnet_b0"), "blocks.0.0",
+    "timm-efficientnet_b0": (_timm("efficientnet_b0"), "blocks.0.0", "blocks.5.1",
                              ["conv_stem", "blocks.3.1.conv_dw", "blocks.6.0.se.conv_reduce", "classifier"]),
-    "tv-resnet18": (_tv_resnet18, "layer1.0", ["conv1", "layer2.0.downsample.0", "fc"]),
-    "handwritten": (handwritten, "3", ["0", "4.conv2", "7"]),
+    "timm-swin": (_timm("swin_tiny_patch4_window7_224", **_SWIN), "layers.1.blocks.0", "layers.2.blocks.1",
+                  ["patch_embed.proj", "layers.2.downsample.reduction", "layers.2.blocks.1.attn.qkv", "head.fc"]),
+    "timm-regnetx_002": (_timm("regnetx_002"), "s2.b1", "s3.b2", ["stem.conv", "s2.b1.downsample.conv", "head.fc"]),
+    "tv-resnet18": (_tv("resnet18"), "layer1.0", "layer4.0", ["conv1", "layer2.0.downsample.0", "fc"]),
+    "tv-vit": (_tv("VisionTransformer", image_size=32, patch_size=8, num_layers=3, num_heads=2, hidden_dim=16,
+                   mlp_dim=32), "encoder.layers.encoder_layer_1", "encoder.layers.encoder_layer_2",
+               ["conv_proj", "encoder.layers.encoder_layer_1.self_attention", "heads.head"]),
+    "tv-mobilenet_v2": (_tv("MobileNetV2", **_MOBILENET_V2), "features.2", "features.5",
+                        ["features.0.0", "features.4.conv.1.0", "classifier.1"]),
+    "tv-densenet": (_tv("DenseNet", growth_rate=8, block_config=(2, 2, 2, 2), num_init_features=16),
+                    "features.denseblock2", "features.denseblock3.denselayer2",
+                    ["features.conv0", "features.transition2.conv", "features.denseblock3.denselayer2.conv1",
+                     "classifier"]),
+    "handwritten": (handwritten, "3", "4", ["0", "4.conv2", "7"]),
 }
+LAYER_TYPES = (nn.Conv2d, nn.Linear, nn.MultiheadAttention)  # what the paper (and torchvision's ViT qkv) swaps
 
 
 def _trained_like(build, x: torch.Tensor) -> nn.Module:
@@ -402,27 +420,34 @@ def _trained_like(build, x: torch.Tensor) -> nn.Module:
 def _reference_all(model: nn.Module, fresh: dict[str, torch.Tensor], layers: list[str], x: torch.Tensor) -> dict:
     """Every layer's criticality the plain way: one deep copy, the layer's weights replaced in place, model(x),
     the weights put back; softmax cosine in numpy float64."""
+    return _reference_units(model, fresh, {layer: [layer] for layer in layers}, x)
+
+
+def _reference_units(model: nn.Module, fresh: dict[str, torch.Tensor], units: dict[str, list[str]],
+                     x: torch.Tensor) -> dict:
+    """:func:`_reference_all` for units of several modules, swapped together: each module's own parameters
+    (weight and bias; a norm's running statistics are buffers and stay)."""
     ref = copy.deepcopy(model).eval()
     with torch.no_grad():
         p = _softmax(ref(x).double().numpy())
         out = {}
-        for layer in layers:
-            module = ref.get_submodule(layer)
-            names = [n for n, t in module.named_parameters(recurse=False) if t is not None]
-            saved = {n: getattr(module, n).detach().clone() for n in names}
-            for n in names:
-                getattr(module, n).copy_(fresh[f"{layer}.{n}"])
+        for unit, members in units.items():
+            params = {(m, n): t for m in members for n, t in ref.get_submodule(m).named_parameters(recurse=False)
+                      if t is not None}
+            saved = {k: t.detach().clone() for k, t in params.items()}
+            for (m, n), t in params.items():
+                t.copy_(fresh[f"{m}.{n}"])
             q = _softmax(ref(x).double().numpy())
-            for n in names:
-                getattr(module, n).copy_(saved[n])
+            for k, t in params.items():
+                t.copy_(saved[k])
             cos = (p * q).sum(1) / np.linalg.norm(p, axis=1) / np.linalg.norm(q, axis=1)
-            out[layer] = float(100 * (1 - cos.mean()))
+            out[unit] = float(100 * (1 - cos.mean()))
     return out
 
 
 @pytest.fixture(scope="module")
 def images32():
-    d = load_data("digits?size=32", "test", n=16, seed=0)
+    d = load_data("digits?size=32", "test", images=16, seed=0)
     return d.float(), d.labels
 
 
@@ -430,7 +455,7 @@ def images32():
 def test_criticality_of_any_architecture_equals_the_plain_reference(arch, images32):
     from torch.utils.data import DataLoader, TensorDataset
 
-    build, block, recheck = MATRIX[arch]
+    build, block, split_off, recheck = MATRIX[arch]
     x, y = images32
     model = _trained_like(build, x).train()  # handed over in training mode: the flags must come back
     snap = _snapshot(model)
@@ -442,11 +467,9 @@ def test_criticality_of_any_architecture_equals_the_plain_reference(arch, images
         pipe = crit.Pipeline(model, torch.device("cpu"), amp=False, channels_last=False)
         with eval_mode(model):
             pipe.validate(x[:8], arch)
-    assert len(pipe.stages) > 2, arch  # split at block granularity, not run whole
-    modules = dict(model.named_modules())
-    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    assert table["layer"].tolist() == layers  # every Conv2d/Linear, in module order
-    assert all(isinstance(modules[n], (nn.Conv2d, nn.Linear)) for n in table["layer"])
+    assert len(pipe.stages) > 2 and split_off in [s.path for s in pipe.stages], arch  # split at blocks, not run whole
+    layers = [n for n, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
+    assert table["layer"].tolist() == layers  # every Conv2d/Linear (and attention in_proj), in module order
     want = _reference_all(model, _state_of(build), layers, x)
     got = table.set_index("layer")["criticality"]
     diff = max(abs(got[n] - want[n]) for n in layers)
@@ -457,6 +480,92 @@ def test_criticality_of_any_architecture_equals_the_plain_reference(arch, images
     _assert_restored(model, snap)
     blocks = crit.criticality(model, loader, trials=1, fresh=build, units="blocks", layers=[block])
     assert blocks["kind"].tolist() == ["block"] and blocks["label"].iloc[0].startswith("[")
+
+
+# ------------------------------------------------------------------- normalisation layers, an opt-in extension
+NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+NORM_CASES = {  # arch of MATRIX: (norm layers measured with one conv, the label of the first norm, a block)
+    "timm-resnet18": (["bn1", "layer1.0.bn1", "layer3.1.bn2", "layer3.1.conv2"], "bn1", "layer2.0"),
+    "timm-vit-6": (["blocks.0.norm1", "blocks.5.norm2", "norm", "blocks.5.mlp.fc1"], "[0] norm1", "blocks.1"),
+    "timm-convnext_atto": (["stem.1", "stages.2.blocks.0.norm", "head.norm", "stages.2.blocks.0.conv_dw"], "stem.1",
+                           "stages.1.blocks.0"),
+    "tv-densenet": (["features.norm0", "features.denseblock2.denselayer1.norm2", "features.norm5", "classifier"],
+                    "features.norm0", "features.denseblock2"),
+}
+
+
+def _trained_norms(build, x: torch.Tensor) -> nn.Module:
+    """:func:`_trained_like`, with every norm's affine parameters moved off their init (else a fresh instance's
+    1 and 0 would be the norm's own weights) and BatchNorm statistics from the images (else they would equal a
+    fresh instance's 0 and 1, and a swap of the statistics would go unseen); the head rescaled after."""
+    model = _trained_like(build, x)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, NORMS) and m.weight is not None:
+                m.weight.copy_(1 + 0.4 * torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.reset_running_stats()
+                m.momentum = None
+        model.train()
+        model(x)
+        model.eval()
+        head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+        head.weight.mul_(3.0 / float(model(x).std()))
+    return model
+
+
+@pytest.mark.parametrize("arch", list(NORM_CASES))
+def test_normalisation_layers_are_units_on_request(arch, images32):
+    build = MATRIX[arch][0]
+    names, first_label, block = NORM_CASES[arch]
+    x, y = images32
+    model = _trained_norms(build, x)
+    snap = _snapshot(model)
+    with pytest.raises(LayerlabError, match=r"normalisation layer.*pass norm=True \(CLI: --norm\)"):
+        crit.criticality(model, (x, y), trials=1, fresh=build, layers=names[:1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the chain holds with norms as units: no fallback
+        table = crit.criticality(model, (x, y), trials=2, fresh=build, norm=True, layers=names)
+    _assert_restored(model, snap)  # running statistics included
+    modules = dict(model.named_modules())
+    rows = table[table["trial"] == 0].set_index("layer")
+    assert sorted(rows.index) == sorted(names)
+    assert rows["kind"].to_dict() == {n: type(modules[n]).__name__ for n in names}
+    assert rows.loc[names[0], "label"] == first_label
+    for t in (0, 1):
+        want = _reference_all(model, _state_of(build, 0, t), names, x)
+        got = table[table["trial"] == t].set_index("layer")["criticality"]
+        assert max(abs(got[n] - want[n]) for n in names) < 1e-4, (arch, t, got.to_dict(), want)
+        assert min(want[n] for n in names[:3]) > 0.01  # every norm measured moves the output
+    naive = crit.criticality(model, (x, y), trials=2, fresh=build, norm=True, layers=names[:1], naive=True)
+    assert np.allclose(naive["criticality"], table[table["layer"] == names[0]]["criticality"], atol=1e-5)
+    # every norm with affine parameters is a unit; Zhang et al.'s block units take their norms along
+    units = crit.units_of(model, norm=True)
+    assert [u.name for u in units] == [n for n, m in model.named_modules() if isinstance(m, LAYER_TYPES)
+                                       or (isinstance(m, NORMS) and m.weight is not None)]
+    members = next(u for u in crit.units_of(model, "blocks", norm=True) if u.name == block).layers
+    assert any(isinstance(modules[m], NORMS) for m in members)
+    assert any(isinstance(modules[m], LAYER_TYPES) for m in members)
+    blocks = crit.criticality(model, (x, y), trials=1, fresh=build, units="blocks", norm=True, layers=[block])
+    want = _reference_units(model, _state_of(build), {block: list(members)}, x)
+    assert abs(blocks["criticality"].iloc[0] - want[block]) < 1e-4
+
+
+def test_norm_layers_of_a_hand_written_module_are_reset_to_their_init(data):
+    """The last-resort source (each layer's reset_parameters) resets norms too: 'fresh' affine parameters are
+    the norm's own init (1 and 0), not the trained ones (which would measure 0 %)."""
+    torch.manual_seed(0)
+    model = Net()
+    with torch.no_grad():
+        model.bn.weight.uniform_(0.5, 2.0)
+        model.bn.bias.uniform_(-1.0, 1.0)
+    with pytest.warns(UserWarning, match="reset_parameters"):
+        table = crit.criticality(model, data, trials=1, norm=True, layers=["bn"])
+    init = {"bn.weight": torch.ones(8), "bn.bias": torch.zeros(8)}
+    want = reference_criticality(model, "bn", init, data.float())
+    assert want > 0.01 and table["criticality"].iloc[0] == pytest.approx(want, abs=1e-4)
 
 
 def _on_meta(build):

@@ -205,3 +205,20 @@ def test_out_of_the_wrong_kind_is_refused_before_any_work(monkeypatch, capsys, t
     code, _, err = _run(monkeypatch, capsys, "criticality", "a=timm:resnet18", "--baseline", "nosuch", "--out",
                         str(tmp_path / "c"))
     assert code == 2 and "--baseline 'nosuch' is not one of the models (a)" in err
+
+
+def test_trust_pickle_is_an_explicit_cli_opt_in(monkeypatch, capsys, tmp_path):
+    """A whole pickled module loads only with `layerlab --trust-pickle ...`: without it one line that names the flag."""
+    import torch
+    from torch import nn
+
+    from layerlab.models import TRUST_PICKLE_ENV
+
+    monkeypatch.setenv(TRUST_PICKLE_ENV, "0")  # off, and restored after the test (the flag sets it in-process)
+    torch.save(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 30 * 30, 10)), tmp_path / "whole.pt")
+    code, _, err = run_cli(monkeypatch, capsys, "layers", f"file:{tmp_path / 'whole.pt'}")
+    assert code == 2 and "pickled Python objects" in err and "layerlab --trust-pickle" in err
+    assert err.strip().count("\n") == 0
+    code, out, err = run_cli(monkeypatch, capsys, "--trust-pickle", "layers", f"file:{tmp_path / 'whole.pt'}")
+    assert code == 0, err
+    assert "Conv2d" in out

@@ -664,3 +664,72 @@ def test_demo_step_over_a_small_zoo(tmp_path):
     assert {"criticality_summary.csv", "criticality_heatmap.png", "criticality_diff.png"} <= names
     summary = pd.read_csv(tmp_path / "out" / "criticality_summary.csv")
     assert set(summary["model"]) == {"baseline", "other"} and (summary["trials"] == 3).all()
+
+
+# ------------------------------------------------------------------ normalisation layers (opt-in extension)
+def test_norm_layers_are_units_only_on_request(trained, data):
+    assert not any(isinstance(trained.get_submodule(u.name), nn.BatchNorm2d) for u in crit.units_of(trained))
+    units = {u.name: u for u in crit.units_of(trained, norm=True)}
+    bn = units["layer3.1.bn1"]
+    assert (bn.label, bn.kind) == ("[3.1] bn1", "BatchNorm2d")
+    assert bn.params == ("layer3.1.bn1.weight", "layer3.1.bn1.bias")  # the running statistics are never swapped
+    assert [i.label for i in list_layers(trained, norm=True)][:3] == ["conv1", "bn1", "[1.0] conv1"]
+    for named in ("bn1", "[3.1] bn1"):
+        with pytest.raises(LayerlabError, match=r"is a normalisation layer \(BatchNorm2d\).*pass norm=True"):
+            crit.criticality(trained, data, trials=1, layers=[named])
+    table = crit.criticality(trained, data, trials=1, layers=["[3.1] bn1"], norm=True)
+    assert table["layer"].tolist() == ["layer3.1.bn1"]
+
+
+def test_reinit_resets_norm_layers_to_the_runs_init(default_run):
+    """Zhang et al.'s reset of a norm layer: its weight and bias from the run's epoch-0 checkpoint, its running
+    statistics the trained model's; checked against a deep copy changed in place."""
+    model = load_model("file:" + str(default_run / "final.pt"))
+    images = load_data(DATA, "test", images=48, seed=0)
+    names = ["bn1", "layer2.0.bn1", "layer4.1.bn2"]
+    table = crit.criticality(model, images, mode="reinit", run=default_run, norm=True, layers=names)
+    init = _state(default_run / "checkpoints" / "epoch_0000.pt")
+    x = images.float()
+    with torch.no_grad():
+        p = torch.softmax(model.eval()(x).double(), -1)
+        for name in names:
+            reset = copy.deepcopy(model)
+            for param in ("weight", "bias"):
+                getattr(reset.get_submodule(name), param).copy_(init[f"{name}.{param}"])
+            assert not torch.equal(reset.get_submodule(name).weight, model.get_submodule(name).weight)  # it trained
+            q = torch.softmax(reset(x).double(), -1)
+            want = 100 * (1 - float(torch.nn.functional.cosine_similarity(p, q, dim=-1).mean()))
+            got = float(table.loc[table["layer"] == name, "criticality"].iloc[0])
+            assert got == pytest.approx(want, abs=1e-4), name
+
+
+def test_a_block_with_its_norms_is_another_job(trained, data, tmp_path, monkeypatch):
+    store = Store(tmp_path)
+    plain = crit.criticality(trained, data, trials=1, units="blocks", layers=["layer1.0"], store=store)
+    with_norms = crit.criticality(trained, data, trials=1, units="blocks", layers=["layer1.0"], norm=True, store=store)
+    assert len(store.paths(crit.ANALYSIS)) == 2
+    assert abs(plain["criticality"].iloc[0] - with_norms["criticality"].iloc[0]) > 1e-3
+    computed: list[str] = []
+    original = crit._evaluate
+
+    def spy(name, pipe, data_, tasks, **kw):
+        computed.extend(t.unit.name for t in tasks)
+        return original(name, pipe, data_, tasks, **kw)
+
+    monkeypatch.setattr(crit, "_evaluate", spy)
+    crit.criticality(trained, data, trials=1, units="blocks", layers=["layer1.0"], norm=True, store=store)
+    crit.criticality(trained, data, trials=1, layers=["conv1"], store=store)
+    crit.criticality(trained, data, trials=1, layers=["conv1", "bn1"], norm=True, store=store)
+    assert computed == ["conv1", "bn1"]  # a layer's job is the same with and without the flag
+
+
+def test_cli_norm_flag(tmp_path):
+    args = ["criticality", SPEC, "--data", DATA, "--images", "16", "--trials", "1", "--out", str(tmp_path),
+            "--layers", "bn1,[3.1] bn2,fc", "--no-figures", "--no-progress"]
+    refused = CliRunner().invoke(_cli(), args)
+    assert isinstance(refused.exception, LayerlabError) and "--norm" in str(refused.exception)
+    result = CliRunner().invoke(_cli(), [*args, "--norm"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    table = pd.read_csv(tmp_path / "criticality.csv")
+    assert table["label"].tolist() == ["bn1", "[3.1] bn2", "fc"]
+    assert table["kind"].tolist() == ["BatchNorm2d", "BatchNorm2d", "Linear"]

@@ -28,14 +28,14 @@ def test_digits_is_real_offline_data_with_disjoint_fixed_split():
 
 
 def test_seeded_subset_is_recorded_and_reproducible():
-    a, b, c = (load_data("digits", "test", n=50, seed=s) for s in (3, 3, 4))
+    a, b, c = (load_data("digits", "test", images=50, seed=s) for s in (3, 3, 4))
     assert len(a) == 50 and torch.equal(a.indices, b.indices) and not torch.equal(a.indices, c.indices)
     full = load_data("digits", "test")
     pos = {int(i): k for k, i in enumerate(full.indices)}
     assert torch.equal(a.images, full.images[[pos[int(i)] for i in a.indices]])
     assert a.meta["seed"] == 3
     with pytest.raises(DataError, match="positive"):
-        load_data("digits", "test", n=0)
+        load_data("digits", "test", images=0)
 
 
 def test_one_subset_choice_for_disk_and_memory():
@@ -43,7 +43,7 @@ def test_one_subset_choice_for_disk_and_memory():
     for spec in ("digits?size=8", "digits?size=8&classes=2,7"):
         full = load_data(spec, "test")
         for n, seed in ((5, 0), (30, 11)):
-            a, b = load_data(spec, "test", n=n, seed=seed), full.sample(n, seed)
+            a, b = load_data(spec, "test", images=n, seed=seed), full.sample(n, seed)
             assert torch.equal(a.indices, b.indices) and torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
             assert b.meta["seed"] == seed
         assert full.sample(None, 3) is full and full.sample(len(full), 3) is full
@@ -129,7 +129,7 @@ def test_imagefolder_split_folders_and_resize(tmp_path):
     te = load_data(f"imagefolder:{tmp_path}", "test")  # falls back to val/
     assert te.classes == ["cat", "dog"] and len(te) == 6 and te.shape == (3, 10, 12)
     assert te.images[4, 0, 0, 0] == 201 and te.labels.tolist() == [0, 0, 0, 1, 1, 1]
-    resized = load_data(f"imagefolder:{tmp_path}?size=8", "train", n=2, seed=0)
+    resized = load_data(f"imagefolder:{tmp_path}?size=8", "train", images=2, seed=0)
     assert resized.shape == (3, 8, 8) and len(resized) == 2
 
 
@@ -181,3 +181,15 @@ def test_bad_data_specs(spec, err, match):
 def test_bad_split():
     with pytest.raises(LayerlabError, match="split"):
         load_data("digits", "validation")
+
+
+def test_load_data_subset_size_is_images_and_n_is_its_old_name():
+    """One name for the subset size everywhere (issue 12): ``images``; ``n`` still works with a FutureWarning that
+    points at the caller's line, not at layerlab's."""
+    new = load_data("digits?size=8", "test", images=12, seed=1)
+    with pytest.warns(FutureWarning, match=r"load_data\(images=") as caught:
+        old = load_data("digits?size=8", "test", n=12, seed=1)
+    assert caught[0].filename == __file__
+    assert torch.equal(new.images, old.images) and new.indices.tolist() == old.indices.tolist()
+    with pytest.raises(SpecError, match="images= only"):
+        load_data("digits?size=8", "test", images=12, n=12)

@@ -19,7 +19,7 @@ from layerlab.regions import decision_region_similarity
 from layerlab.runs import checkpoint_path
 from layerlab.store import Store
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ARCH = "timm:resnet18?channels=4,8,8,8&stem_width=4&in_chans=1"
 DATA = "digits?size=16&channels=1"
@@ -35,7 +35,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (out / "run.json").write_text(json.dumps({"arch": ARCH, "data": DATA, "seed": 0}))
     torch.manual_seed(0)
     model = load_model(ARCH, num_classes=10)
-    data = load_data(DATA, "train", n=120)
+    data = load_data(DATA, "train", images=120)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for epoch in range(3):
         save_checkpoint(model, checkpoint_path(out, epoch), epoch=epoch)
@@ -101,7 +101,7 @@ def _features(path: Path, layer: str, x: torch.Tensor) -> np.ndarray:
 
 def test_cka_matches_an_independent_minibatch_computation(run: Path, tables) -> None:
     t, _ = tables
-    x = load_data(DATA, "test", n=32, seed=0).float()
+    x = load_data(DATA, "test", images=32, seed=0).float()
     fa, fb = _features(checkpoint_path(run, 0), LAYER, x), _features(checkpoint_path(run, 2), LAYER, x)
     ab = aa = bb = 0.0
     for s in range(0, 32, 8):
@@ -352,3 +352,177 @@ def test_fit_summary_reads_the_fit_off_the_curves() -> None:
     assert f["first_fit_epoch"] == 3 and f["epochs"] == 6 and f["checkpoints_after_fit"] == 2  # epochs 4 and 6
     assert f["lr_at_fit"] == pytest.approx(0.05) and f["lr_fraction_of_peak"] == pytest.approx(0.5)
     assert f["train_acc_after_fit_min"] == pytest.approx(0.96)
+
+
+# ----------------------------------------------------------------------- any model: layer selectors and ViT tokens
+VIT = "timm:vit_tiny_patch16_224?img_size=16&patch_size=4&depth=2&embed_dim=32&num_heads=2&in_chans=1"
+BLOCKS = ["blocks.0", "blocks.1"]
+#: the three token choices written out independently of layerlab.features.TOKENS
+TOKEN_VIEWS = {"flatten": lambda t: t.reshape(len(t), -1), "cls": lambda t: t[:, 0], "mean": lambda t: t.mean(axis=1)}
+
+
+def _vit(seed: int, **kwargs) -> torch.nn.Module:
+    import timm
+
+    torch.manual_seed(seed)
+    return timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, depth=2, embed_dim=32, num_heads=2,
+                             in_chans=1, num_classes=10, **kwargs).eval()
+
+
+def _hooked(model: torch.nn.Module, layers: list[str], batches: list[torch.Tensor]) -> dict[str, list[np.ndarray]]:
+    """Each layer's raw output per batch (float64 numpy), from forward hooks of the test's own."""
+    got: dict[str, list[np.ndarray]] = {l: [] for l in layers}
+    modules = dict(model.named_modules())
+    handles = [modules[l].register_forward_hook(lambda m, a, o, l=l: got[l].append(o.double().numpy())) for l in layers]
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    for h in handles:
+        h.remove()
+    return got
+
+
+def _minibatch_cka(fa: list[np.ndarray], fb: list[np.ndarray]) -> float:
+    """Minibatch unbiased CKA (sum of Song et al.'s HSIC_1 over batches) of per-batch features [b, d]."""
+    ab = aa = bb = 0.0
+    for a, b in zip(fa, fb, strict=True):
+        ka, kb = a @ a.T, b @ b.T
+        ab, aa, bb = ab + _hsic_unbiased(ka, kb), aa + _hsic_unbiased(ka, ka), bb + _hsic_unbiased(kb, kb)
+    return ab / np.sqrt(aa * bb)
+
+
+def _full_biased_cka(a: np.ndarray, b: np.ndarray) -> float:
+    """Kornblith et al.'s full-N biased linear CKA, with the centring matrix H."""
+    n = len(a)
+    h = np.eye(n) - np.ones((n, n)) / n
+    ka, kb = h @ a @ a.T @ h, h @ b @ b.T @ h
+    return float((ka * kb).sum() / np.sqrt((ka * ka).sum() * (kb * kb).sum()))
+
+
+@pytest.mark.parametrize("tokens", ["flatten", "cls", "mean"])
+def test_compare_bare_vits_on_a_dataloader_matches_hooked_tokens(tokens: str) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import layerlab as ll
+
+    a, b = _vit(0), _vit(1)
+    data = load_data(DATA, "test", images=40, seed=0)
+    x = data.float()
+    loader = DataLoader(TensorDataset(x, data.labels), batch_size=16)  # 16, 16 and a short 8 (left out)
+    f = ll.compare(a, b, loader, layers_a="blocks", layers_b=["blocks.1", "[1] attn.qkv"], tokens=tokens)
+    assert list(dict.fromkeys(f["layer_a"])) == BLOCKS + ["output"]
+    assert list(dict.fromkeys(f["layer_b"])) == ["blocks.1", "blocks.1.attn.qkv", "output"]
+    assert list(dict.fromkeys(f["label_b"])) == ["blocks.1", "[1] attn.qkv", "output"]
+    assert set(f["model_a"]) == {"VisionTransformer"} and set(f["tokens"]) == {tokens}
+    assert set(f["n"]) == {32} and set(f["n_batches"]) == {2} and set(f["batch_size"]) == {16}
+    view = TOKEN_VIEWS[tokens]
+    batches = [x[:16], x[16:32]]
+    ha, hb = _hooked(a, BLOCKS, batches), _hooked(b, ["blocks.1", "blocks.1.attn.qkv"], batches)
+    got = f.set_index(["layer_a", "layer_b"])["cka"]
+    for la in BLOCKS:
+        for lb in ("blocks.1", "blocks.1.attn.qkv"):
+            want = _minibatch_cka([view(t) for t in ha[la]], [view(t) for t in hb[lb]])
+            assert got[(la, lb)] == pytest.approx(want, abs=1e-6), (la, lb)
+    # the same choice on an image tensor in one batch of all 40: Kornblith's full-N biased CKA
+    g = ll.compare(a, b, x, layers_a="blocks.1", layers_b="blocks.0", tokens=tokens, estimator="biased", batch_size=40)
+    fa, fb = _hooked(a, ["blocks.1"], [x])["blocks.1"][0], _hooked(b, ["blocks.0"], [x])["blocks.0"][0]
+    want = _full_biased_cka(view(fa), view(fb))
+    assert g.set_index(["layer_a", "layer_b"])["cka"][("blocks.1", "blocks.0")] == pytest.approx(want, abs=1e-6)
+
+
+def test_the_token_choices_give_different_numbers_and_cls_needs_a_class_token() -> None:
+    a, b = _vit(0), _vit(1)
+    x = load_data(DATA, "test", images=32, seed=0).float()
+    values = {t: float(dyn.compare(a, b, x, layers_a="blocks.1", layers_b="blocks.1", tokens=t, batch_size=16)["cka"][0])
+              for t in TOKEN_VIEWS}
+    assert len({round(v, 6) for v in values.values()}) == 3, values
+    pooled = _vit(2, class_token=False, global_pool="avg")
+    with pytest.raises(LayerlabError, match=r"tokens='cls': layer 'blocks.0' outputs tokens \[16, 16, 32\] but "
+                                            r"VisionTransformer has no class token"):
+        dyn.compare(pooled, b, x, layers_a="blocks", tokens="cls", batch_size=16)
+    assert len(dyn.compare(pooled, b, x, layers_a="blocks", tokens="mean", batch_size=16)) == 3 * 4
+    with pytest.raises(LayerlabError, match="tokens: expected one of"):
+        dyn.compare(a, b, x, tokens="first")
+    with pytest.raises(LayerlabError, match=r"model_b: expected a model spec .* got int"):
+        dyn.compare(a, 3, x)
+
+
+@pytest.mark.parametrize("spec, want", [
+    (ARCH, ["conv1"] + [f"layer{s}.{b}" for s in (1, 2, 3, 4) for b in (0, 1)]),
+    (ARCH.replace("resnet18?", "resnet18d?"), ["conv1.0", "conv1.3", "conv1.6"] + [f"layer{s}.{b}" for s in (1, 2, 3, 4) for b in (0, 1)]),
+    (VIT, ["patch_embed.proj"] + BLOCKS),
+])
+def test_default_layers_are_the_stem_and_every_block(spec: str, want: list[str]) -> None:
+    assert dyn.default_layers(load_model(spec, num_classes=10)) == want  # what the residual-block regexes gave
+
+
+def test_default_layers_of_a_model_without_blocks_are_its_layers_but_the_head() -> None:
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(4 * 12 * 12, 10))
+    assert dyn.default_layers(net) == ["0", "2"]
+    f = dyn.compare(net, net, load_data(DATA, "test", images=16, seed=0).float(), batch_size=8)
+    assert list(dict.fromkeys(f["layer_a"])) == ["0", "2", "output"]
+
+
+@pytest.fixture(scope="module")
+def vit_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run of a tiny ViT: run.json and two checkpoints (the second with moved weights)."""
+    out = tmp_path_factory.mktemp("runs") / "vit"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "run.json").write_text(json.dumps({"arch": VIT, "data": DATA, "seed": 0}))
+    torch.manual_seed(0)
+    model = load_model(VIT, num_classes=10)
+    for epoch in range(2):
+        save_checkpoint(model, checkpoint_path(out, epoch), epoch=epoch)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    return out
+
+
+def test_dynamics_tokens_match_hooked_tokens_and_only_a_non_default_choice_enters_the_keys(vit_run: Path,
+                                                                                         tmp_path: Path) -> None:
+    from layerlab.probes import fit_probe
+
+    store = Store(tmp_path)
+    opts = dict(layers="blocks", tables=("cka", "probes"), images=32, batch_size=8, probe_train=100)
+    tables = {t: dyn.dynamics(vit_run, store=store, tokens=t, **opts) for t in ("flatten", "cls")}
+    x = load_data(DATA, "test", images=32, seed=0).float()
+    batches = list(x.split(8))
+    models = [load_model(f"file:{checkpoint_path(vit_run, e)}") for e in (0, 1)]
+    h0, h1 = (_hooked(m, ["blocks.1"], batches)["blocks.1"] for m in models)
+    for tokens, t in tables.items():
+        view = TOKEN_VIEWS[tokens]
+        want = _minibatch_cka([view(f) for f in h0], [view(f) for f in h1])
+        assert _matrix(t["cka"], "blocks.1", "cka")[0, 1] == pytest.approx(want, abs=1e-6), tokens
+        assert set(t["cka"]["layer"]) == set(BLOCKS + ["output"])
+    # probes: the class token with tokens="cls", else the token mean (32 features either way)
+    train, test = load_data(DATA, "train", images=100, seed=0), load_data(DATA, "test")
+    for tokens, reduce in (("cls", TOKEN_VIEWS["cls"]), ("flatten", TOKEN_VIEWS["mean"])):
+        feats = [torch.from_numpy(reduce(_hooked(models[1], ["blocks.1"], [d.float()])["blocks.1"][0])).float()
+                 for d in (train, test)]
+        p = fit_probe(feats[0], train.labels, num_classes=10, method="softmax", l2=1e-3, warn=False)
+        w, b = p.fold(torch.float32)
+        acc = float(((feats[1] @ w + b).argmax(1) == test.labels).double().mean())
+        row = tables[tokens]["probes"].set_index(["layer", "epoch"]).loc[("blocks.1", 1)]
+        assert row["dim"] == 32 and row["test_acc"] == pytest.approx(acc, abs=1e-9), tokens
+    configs = [store.shard_meta(p)["config"] for a in ("dynamics-cka", "dynamics-probes") for p in store.paths(a)]
+    assert sorted(str(c.get("tokens")) for c in configs) == ["None"] * 5 + ["cls"] * 5  # 3 CKA views + 2 probes each
+
+
+def test_cli_tokens_and_layer_selectors_fail_in_one_line(run: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    from helpers import run_cli
+
+    cases = [
+        (["dynamics", str(run), "--out", str(tmp_path / "a"), "--layers", "layer2.1,layr3.1"],
+         "error: unknown layer 'layr3.1' in ResNet (did you mean 'layer3.1'"),
+        (["dynamics", str(run), "--out", str(tmp_path / "a"), "--tokens", "CLS"], "error: tokens: expected one of"),
+        (["compare", VIT, VIT, "--out", str(tmp_path / "b"), "--data", DATA, "--tokens", "first"],
+         "error: tokens: expected one of"),
+        (["compare", VIT, VIT, "--out", str(tmp_path / "b"), "--data", DATA, "--layers-b", "kind:Linar"],
+         "error: layers: no module of class 'Linar' in VisionTransformer (did you mean 'kind:Linear'?)"),
+    ]
+    for args, line in cases:
+        code, out, err = run_cli(monkeypatch, capsys, *args)
+        assert code == 2 and "Traceback" not in out + err, out + err
+        assert line in err and len(err.strip().splitlines()) == 1, err

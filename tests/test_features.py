@@ -9,6 +9,8 @@ from layerlab.errors import LayerlabError
 from layerlab.features import Extractor, forward_until, iter_features
 from layerlab.similarity import CKAAccumulator
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 class Tokens(nn.Module):
     """[N, C, H, W] -> [N, T=H*W, C] tokens, like a ViT patch sequence."""
@@ -166,3 +168,98 @@ def test_gram_transform_in_hook_feeds_the_accumulator(net):
         hooked.update_grams(grams)
     assert torch.allclose(plain.compute(), hooked.compute(), atol=1e-12)
     assert torch.allclose(plain.compute().diagonal(), torch.ones(3, dtype=torch.float64), atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------- layer selection
+RESNET = "timm:resnet18?channels=4,8,8,8&stem_width=4&in_chans=1&num_classes=3"
+RESNET_BLOCKS = [f"layer{s}.{b}" for s in (1, 2, 3, 4) for b in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def resnet() -> nn.Module:
+    from layerlab import load_model
+
+    return load_model(RESNET)
+
+
+def test_select_layers_by_path_label_blocks_layers_and_kind(resnet):
+    from layerlab.features import select_layers
+
+    assert select_layers(resnet, "blocks") == RESNET_BLOCKS
+    want_convs = ["conv1"]  # written out: every stage's first block has a downsample conv here
+    for stage in (1, 2, 3, 4):
+        want_convs += [f"layer{stage}.0.conv1", f"layer{stage}.0.conv2", f"layer{stage}.0.downsample.0",
+                       f"layer{stage}.1.conv1", f"layer{stage}.1.conv2"]
+    assert select_layers(resnet, "kind:Conv2d") == want_convs
+    assert select_layers(resnet, "layers") == want_convs + ["fc"]
+    assert select_layers(resnet, ["kind:BasicBlock"]) == RESNET_BLOCKS  # any class name, not only layers
+    # a path, a learnable layer's label, a block's label; asked order kept, duplicates dropped
+    assert select_layers(resnet, ["layer3.1", "[2.0] conv1", "[4.1]", "layer3.1", "fc"]) == [
+        "layer3.1", "layer2.0.conv1", "layer4.1", "fc"]
+    assert select_layers(resnet, ["layer2", "blocks"])[:3] == ["layer2", "layer1.0", "layer1.1"]
+
+
+def test_select_layers_errors_are_one_line_with_close_matches(resnet):
+    from layerlab.features import select_layers
+
+    cases = [
+        ("layer3.7", r"unknown layer 'layer3.7' in ResNet \(did you mean 'layer3.1', 'layer3.0'.*layerlab layers SPEC"),
+        ("[3.1] conv3", r"unknown layer '\[3.1\] conv3'.*did you mean '\[3.1\] conv2', '\[3.1\] conv1'"),
+        ("block", r"did you mean 'blocks'"),
+        ("kind:conv2d", r"no module of class 'conv2d' in ResNet \(did you mean 'kind:Conv2d'\?\); its module classes"),
+    ]
+    for item, pattern in cases:
+        with pytest.raises(LayerlabError, match=pattern) as err:
+            select_layers(resnet, [item])
+        assert "\n" not in str(err.value)
+    with pytest.raises(LayerlabError, match="'blocks' selects nothing in Sequential"):
+        select_layers(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()), "blocks")
+    with pytest.raises(LayerlabError, match="expected names"):
+        select_layers(resnet, [3])
+    with pytest.raises(LayerlabError, match="list is empty"):
+        select_layers(resnet, [])
+
+
+def test_layer_labels_keep_the_resnet_labels_and_label_any_module(resnet):
+    from layerlab.features import layer_labels
+
+    names = ["conv1", "layer3.1", "layer3.1.conv2", "layer3.1.act1", "layer2.0.downsample.0", "layer2", "fc", "output"]
+    # the labels dynamics tables have always carried for a ResNet (layerlab.layers.display_label)
+    assert list(layer_labels(resnet, names).values()) == [
+        "conv1", "layer3.1", "[3.1] conv2", "[3.1] act1", "[2.0] downsample.0", "layer2", "fc", "output"]
+
+
+# ------------------------------------------------------------------------------------------------ tokens
+class WithClassToken(Net):
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, 6))
+
+
+def test_tokens_reduce_token_outputs_and_leave_conv_maps_alone():
+    torch.manual_seed(0)
+    net = WithClassToken().eval()
+    x = torch.randn(3, 3, 8, 8)
+    raw = Extractor(net, ["stem", "tokens", "proj"], flatten=False)(x)
+    assert raw["tokens"].shape == (3, 16, 6) and raw["stem"].ndim == 4
+    want = {"flatten": raw["tokens"].reshape(3, -1), "cls": raw["tokens"][:, 0], "mean": raw["tokens"].mean(dim=1)}
+    for tokens, expected in want.items():
+        got = Extractor(net, ["stem", "tokens", "proj"], tokens=tokens)(x)
+        assert torch.equal(got["tokens"], expected), tokens
+        assert torch.equal(got["stem"], raw["stem"].reshape(3, -1))  # conv maps: unaffected
+        batches = list(iter_features(net, ["tokens"], x, batch_size=2, tokens=tokens))
+        assert torch.allclose(torch.cat([b["tokens"] for b in batches]), expected, atol=1e-6)
+    # tokens go first, then pool: the class token is not averaged away
+    assert torch.equal(Extractor(net, ["proj"], tokens="cls", pool=True)(x)["proj"], raw["proj"][:, 0])
+
+
+def test_bad_tokens_and_cls_without_a_class_token_are_one_line_errors(net):
+    x = torch.randn(2, 3, 8, 8)
+    for bad in ("CLS", "first", None):
+        with pytest.raises(LayerlabError, match=r"tokens: expected one of 'flatten', 'cls', 'mean'"):
+            Extractor(net, ["tokens"], tokens=bad)
+    with pytest.raises(LayerlabError, match=r"tokens='cls': layer 'tokens' outputs tokens \[2, 16, 6\] but Net has no "
+                                            r"class token") as err:
+        Extractor(net, ["tokens"], tokens="cls")(x)
+    assert "\n" not in str(err.value) and hook_count(net) == 0
+    assert Extractor(net, ["stem"], tokens="cls")(x)["stem"].shape == (2, 4 * 8 * 8)  # no tokens: nothing refused

@@ -475,3 +475,46 @@ def test_bad_input_range_fails_with_one_line():
     with pytest.raises(LayerlabError, match="outside input_range"):
         invariance_grid(model, Normalising(0.5, 0.5, inner=False, seed=1), data=x * 3 - 1, layers=["conv1"], steps=1,
                         input_range=(-1.0, 1.0))
+
+
+def _biased_cka_numpy(a: np.ndarray, b: np.ndarray) -> float:
+    """Kornblith et al.'s biased linear CKA with the centring matrix H, in float64 numpy."""
+    n = a.shape[0]
+    h = np.eye(n) - np.ones((n, n)) / n
+    ka, kb = h @ a @ a.T @ h, h @ b @ b.T @ h
+    return float((ka * kb).sum() / np.sqrt((ka * ka).sum() * (kb * kb).sum()))
+
+
+def _hooked_numpy(model: nn.Module, layer: str, x: torch.Tensor) -> np.ndarray:
+    got = []
+    handle = dict(model.named_modules())[layer].register_forward_hook(lambda m, a, o: got.append(o))
+    with torch.no_grad():
+        model.eval()(x)
+    handle.remove()
+    return got[0].reshape(x.shape[0], -1).double().numpy()
+
+
+def test_stir_takes_the_input_range_of_a_model_on_normalised_inputs():
+    gen = torch.Generator().manual_seed(7)
+    x, x_inv = torch.rand(12, 3, 8, 8, generator=gen), torch.rand(12, 3, 8, 8, generator=gen)
+    inside = Normalising(0.5, 0.5, inner=True)
+    outside = Normalising(0.5, 0.5, inner=False)
+    outside.load_state_dict(inside.state_dict())
+    xn, xn_inv = (x - 0.5) / 0.5, (x_inv - 0.5) / 0.5  # in [-1, 1]
+    per_channel = (torch.full((3,), -1.0), torch.full((3, 1, 1), 1.0))
+    for layer in ("conv1", "conv2"):
+        want = _biased_cka_numpy(_hooked_numpy(outside, layer, xn), _hooked_numpy(outside, layer, xn_inv))
+        for rng in ((-1.0, 1.0), per_channel):
+            assert stir(outside, layer, xn, xn_inv, input_range=rng) == pytest.approx(want, abs=1e-6)
+        assert stir(inside, layer, x, x_inv) == pytest.approx(want, abs=1e-5)  # normalisation inside: the same
+    assert stir(outside, "conv2", xn, xn_inv, input_range=(-1.0, 1.0), estimator="unbiased") != pytest.approx(want)
+    with pytest.raises(ShapeError, match=r"X: expected values in \[0, 1\]"):
+        stir(outside, "conv2", xn, xn_inv)  # the default range still guards [0, 1] models
+    with pytest.raises(ShapeError, match=r"X_inv: values outside input_range \[-1, 0.5\]"):
+        stir(outside, "conv2", xn.clamp(max=0.5), xn_inv, input_range=(-1.0, 0.5))
+    with pytest.raises(LayerlabError, match="lo < hi"):
+        stir(outside, "conv2", xn, xn_inv, input_range=(1.0, -1.0))
+    picked = inv.grid_images(xn, images=5, seed=3, input_range=(-1.0, 1.0))
+    assert picked.shape == (5, 3, 8, 8) and float(picked.min()) < 0.0
+    with pytest.raises(ShapeError, match=r"values in \[0, 1\]"):
+        inv.grid_images(xn, images=5)

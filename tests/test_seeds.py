@@ -44,7 +44,7 @@ def test_a_default_run_is_initialised_on_its_own_stream(tmp_path, tiny_arch):
 
 def test_subsets_come_from_their_own_stream():
     full = load_data("digits?size=8", "test")
-    sub = load_data("digits?size=8", "test", n=20, seed=4)
+    sub = load_data("digits?size=8", "test", images=20, seed=4)
     rows = torch.randperm(len(full), generator=generator("data/subset", 4))[:20].sort().values
     assert sub.indices.tolist() == full.indices[rows].tolist()
 

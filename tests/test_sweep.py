@@ -323,3 +323,37 @@ def test_two_sweeps_share_one_folder(tmp_path):
     assert set(executions(out).values()) == {1}
     table = Store(out).read("probe")
     assert len(table) == 18 and not table.duplicated(["index", "row"]).any()
+
+
+KEYS_YAML = """
+name: keys
+zoo: demo
+models: {random: "timm:resnet18?num_classes=10"}
+data: digits
+analyses:
+  training: {}
+  criticality: {trials: 3, mode: randomize, models: [baseline, random]}
+  module-criticality: {models: [baseline]}
+  dynamics: {models: [baseline, adam]}
+  invariance: {pairs: [{pretrained: baseline, finetuned: adam, scratch: random}]}
+"""
+#: job keys as published (commit 436d6b4): an option added since (criticality's ``norm``, dynamics' ``tokens``) at
+#: its neutral value must not change them, or every stored result would be recomputed. A deliberate change of
+#: what a job computes bumps the analysis' VERSION and updates this table.
+PUBLISHED_KEYS = {
+    ("criticality", "baseline"): "c61bba9fdcd62045",
+    ("criticality", "random"): "f6c1f1c6fd9f2943",
+    ("module-criticality", "baseline"): "6c24801c1e674c05",
+    ("dynamics", "baseline"): "8b58fe25721817c6",
+    ("dynamics", "adam"): "7b5aa8361a22f436",
+    ("invariance", "baseline->adam|random"): "89abcc6eac78e822",
+}
+
+
+def test_job_keys_of_published_results_do_not_drift(tmp_path):
+    keys = {(j.kind, j.model): j.key for j in expand(load_sweep(write(tmp_path / "keys.yaml", KEYS_YAML)))
+            if j.kind != "training"}
+    assert keys == PUBLISHED_KEYS
+    with_norm = KEYS_YAML.replace("mode: randomize,", "mode: randomize, norm: true,")
+    changed = {(j.kind, j.model): j.key for j in expand(load_sweep(write(tmp_path / "norm.yaml", with_norm)))}
+    assert changed[("criticality", "baseline")] != PUBLISHED_KEYS[("criticality", "baseline")]

@@ -51,10 +51,12 @@ def test_deterministic_under_seed(tmp_path, tiny_arch):
     assert not torch.equal(sa["conv1.weight"], sc["conv1.weight"])
 
 
-def test_resume_after_crash_equals_uninterrupted(tmp_path, tiny_arch, monkeypatch):
+@pytest.mark.parametrize("name", ["randaugment", "improved", "adam"])  # augment stream; EMA + mixup; Adam moments
+def test_resume_after_crash_equals_uninterrupted(tmp_path, tiny_arch, monkeypatch, name):
+    """The resume state (last.pt) is read with weights_only=True and restores every stream bit for bit."""
     import layerlab.train.loop as loop
 
-    r = recipe("randaugment", epochs=3, batch_size=32)
+    r = recipe(name, epochs=3, batch_size=32)
     ref = train(tiny_arch, "digits", r, tmp_path / "ref", train_n=64, seed=1, progress=False)
     real = loop.save_checkpoint
 

@@ -12,9 +12,11 @@ where trial t copies layer l's weight and bias from ONE fresh, untrained instanc
 can coincide with. (With ``seed + t``, trial 0 of a model trained under seed 0 re-installed the
 layer's own initial weights and measured a reset to init, not a re-randomisation.) Where the run is known (a
 layerlab checkpoint inside its run folder, or ``run=``), a fresh instance equal to the run's epoch-0 weights is an
-error. Normalisation layers are never touched. Every layer and trial sees the same images
-in the same order. Per (layer, trial) the table also holds top-1 agreement with the original model, top-1
-accuracy after the swap (Zhang, Bengio, Singer 2022's metric) and KL(original || swapped).
+error. Normalisation layers are not touched (the paper randomises Conv2d/Linear only); ``norm=True`` makes their
+affine weight and bias units too, an opt-in extension (their running statistics stay the trained model's). Every
+layer and trial sees the same images in the same order. Per (layer, trial) the table also holds top-1 agreement
+with the original model, top-1 accuracy after the swap (Zhang, Bengio, Singer 2022's metric) and
+KL(original || swapped).
 
 Other references for layer l (``mode``):
 
@@ -39,7 +41,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -56,9 +57,9 @@ from torch.func import functional_call
 from .data import (
     Batches, DataLike, ImageData, as_batches, batch_checksum, changed_between_passes, check_batch_labels,
 )
-from .errors import DataError, LayerlabError, NonFiniteError, ShapeError, check_finite, input_mismatch
+from .errors import DataError, LayerlabError, NonFiniteError, ShapeError, check_finite, input_mismatch, warn
 from . import structure
-from .layers import pick_by_name
+from .layers import pick_by_name, unknown_layer
 from .structure import Stage
 from .models import FreshSource, Normalized, checkpoint_state, fresh_source, load_model
 from .runs import checkpoint_path, checkpoints as run_checkpoints
@@ -200,15 +201,18 @@ class Unit:
     params: tuple[str, ...]  # full parameter names: each layer's weight and bias, nothing else
 
 
-def units_of(model: nn.Module, units: str = "layers", names: Sequence[str] | None = None) -> list[Unit]:
+def units_of(
+    model: nn.Module, units: str = "layers", names: Sequence[str] | None = None, norm: bool = False
+) -> list[Unit]:
     """The units a run walks over, in module order: every learnable layer, or every residual/transformer block
-    and every layer outside blocks (Zhang et al.), as :mod:`layerlab.structure` reads them off the model.
+    and every layer outside blocks (Zhang et al.), as :mod:`layerlab.structure` reads them off the model. With
+    ``norm`` normalisation layers (their affine weight and bias) are layers too, and members of their block.
 
     ``names`` selects some (layer names or labels; block names like ``layer3.1`` or labels like ``[3.1]``).
     """
     if units not in UNITS:
         raise LayerlabError(f"units must be one of {', '.join(UNITS)}, got {units!r}")
-    infos = structure.learnable_layers(model)
+    infos = structure.learnable_layers(model, norm)
     if not infos:
         raise LayerlabError(
             f"{type(model).__name__} has no learnable Conv2d/Linear layer; criticality needs at least one"
@@ -218,13 +222,7 @@ def units_of(model: nn.Module, units: str = "layers", names: Sequence[str] | Non
                       for i in infos]
         if not names:
             return all_layers
-        return pick_by_name(
-            all_layers,
-            list(names),
-            lambda r, close: f"layer {r!r} does not exist or is not a learnable Conv2d/Linear"
-            + (f" (did you mean {', '.join(map(repr, close))}?)" if close else "")
-            + "; list them with `layerlab layers SPEC`",
-        )
+        return pick_by_name(all_layers, list(names), lambda r, close: unknown_layer(model, r, close))
     by_name = {i.name: i for i in infos}
     all_units = [
         Unit(
@@ -235,7 +233,7 @@ def units_of(model: nn.Module, units: str = "layers", names: Sequence[str] | Non
             tuple(members),
             tuple(p for m in members for p in structure.layer_params(model, m)),
         )
-        for k, (key, members) in enumerate(structure.block_units(model).items())
+        for k, (key, members) in enumerate(structure.block_units(model, norm).items())
     ]
     if not names:
         return all_units
@@ -254,7 +252,8 @@ def units_of(model: nn.Module, units: str = "layers", names: Sequence[str] | Non
 def stage_decomposition(model: nn.Module) -> list[Stage]:
     """The model as a chain of stages whose composition is its forward pass, or the whole model as one stage
     (:func:`layerlab.structure.stage_chain`: plain ``nn.Sequential``, ResNets, timm ViT/ConvNeXt/EfficientNet/
-    MobileNetV3, torchvision features/classifier models, inside ``Normalized`` too). The chain is verified against
+    MobileNetV3/Swin/RegNet, torchvision features/classifier models, MobileNetV2, DenseNet and ViT, inside
+    ``Normalized`` too). The chain is verified against
     the real forward on the first batch before use (:class:`Pipeline`), so an architecture it cannot split falls
     back to the full forward, always correct.
     """
@@ -281,7 +280,7 @@ class Pipeline:
             for k, v in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
         }
         self.stages = stage_decomposition(model) if decompose else [Stage("", "module", model)]
-        names = [i.name for i in structure.learnable_layers(model)]
+        names = [i.name for i in structure.learnable_layers(model, norm=True)]  # every layer a unit can swap
         if len(self.stages) > 1 and any(self.stage_of(n) is None for n in names):
             self.stages = [Stage("", "module", model)]
         self._stage_params = [self._slice(s) for s in self.stages]
@@ -425,10 +424,9 @@ class Pipeline:
             torch.equal(chained, reference) or torch.allclose(chained, reference, rtol=1e-3, atol=1e-3 * scale)
         ):
             return chained, cache
-        warnings.warn(
+        warn(
             f"criticality: the stage decomposition of {type(self.model).__name__} does not reproduce its "
             "forward; falling back to full forward passes (correct, slower)",
-            stacklevel=3,
         )
         self.stages = [Stage("", "module", self.model)]
         self._stage_params = [self.params]
@@ -539,7 +537,7 @@ class _ReferenceCache:
     Each model's fresh instances come from one :class:`~layerlab.models.FreshSource` (:meth:`bind`), and trial t's
     instance is drawn under ``Reference.draw_seed`` = ``derive_seed("criticality/fresh", seed, t)`` whatever the
     source (a ``fresh=`` callable and ``reset_parameters()`` included), on the CPU so the draws do not depend on the
-    device.
+    device. A reference holds the parameters of every layer and normalisation layer (:func:`_swappable`).
     """
 
     def __init__(self) -> None:
@@ -562,31 +560,47 @@ class _ReferenceCache:
         key = self._key(model, ref)
         if key not in self._items:
             if ref.path is None:
-                source = self.bind(model).draw(ref.draw_seed)  # type: ignore[arg-type]
-                owners = {n for n, m in source.named_modules() if structure.is_layer(m)}
+                bound = self.bind(model)
+                source = bound.draw(ref.draw_seed)  # type: ignore[arg-type]
+                if bound.kind == "reset_parameters":  # the copy re-drew its Conv2d/Linear only: reset the norms too
+                    with torch.no_grad():
+                        for m in source.modules():
+                            if structure.is_norm(m) and callable(getattr(m, "reset_parameters", None)):
+                                m.reset_parameters()
+                owners = _swappable(source)
                 self._items[key] = {
                     n: p.detach().clone() for n, p in source.named_parameters() if n.rpartition(".")[0] in owners
                 }
             else:  # a run's checkpoint: its tensors only (weights_only=True), the model's layer weights among them
                 trust = bool(getattr(model, "layerlab_trust_pickle", False))
                 state = checkpoint_state(ref.path, trust_pickle=trust or None)
-                owners = {n for n, m in model.named_modules() if structure.is_layer(m)}
+                owners = _swappable(model)
                 self._items[key] = {
                     n: t.detach().clone() for n, t in state.items() if n.rpartition(".")[0] in owners
                 }
         return self._items[key]
 
-    def digest(self, model: nn.Module, ref: Reference) -> str:
-        """sha256 of the reference's layer weights: part of a job's key where the source is not a spec."""
-        key = self._key(model, ref)
+    def digest(self, model: nn.Module, ref: Reference, names: Iterable[str] | None = None) -> str:
+        """sha256 of the reference's Conv2d/Linear/MultiheadAttention weights (or of the tensors ``names``): part
+        of a job's key where the source is not a spec."""
+        key = (self._key(model, ref), None if names is None else tuple(sorted(names)))
         if key not in self._digests:
+            items = self.get(model, ref)
+            if names is None:
+                layers = {n for n, m in model.named_modules() if structure.is_layer(m)}
+                names = [n for n in items if n.rpartition(".")[0] in layers]
             h = hashlib.sha256()
-            for name, t in sorted(self.get(model, ref).items()):
-                t = t.contiguous()
+            for name in sorted(names):
+                t = items[name].contiguous()
                 h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
                 h.update(t.reshape(-1).view(torch.uint8).numpy())
             self._digests[key] = h.hexdigest()[:16]
         return self._digests[key]
+
+
+def _swappable(model: nn.Module) -> set[str]:
+    """The modules whose own parameters a reference provides: every layer and every normalisation layer."""
+    return {n for n, m in model.named_modules() if structure.is_layer(m) or structure.is_norm(m)}
 
 
 def _what(ref: Reference, run: Path | None) -> str:
@@ -840,6 +854,7 @@ def criticality(
     progress: bool = False,
     cache_mb: int = 2048,
     fresh: Callable[[], nn.Module] | Mapping[str, Callable[[], nn.Module]] | None = None,
+    norm: bool = False,
 ) -> pd.DataFrame:
     """Layer criticality of one model or a zoo: one row per (model, layer, mode, epoch, trial).
 
@@ -865,6 +880,11 @@ def criticality(
             Without it: the model's spec or layerlab checkpoint, else its timm/torchvision constructor when that
             rebuilds it exactly, else each layer's own ``reset_parameters()`` (with a warning);
             :func:`layerlab.models.fresh_source`. Every source draws trial t under ``draw_seed``.
+        norm: also measure normalisation layers (BatchNorm, LayerNorm, GroupNorm, ...; labels like ``[3.1] bn1``),
+            an opt-in extension: the paper re-randomises Conv2d/Linear only. A norm layer's affine weight and bias
+            are swapped (``randomize``: the fresh instance's, i.e. the architecture's init, usually 1 and 0;
+            ``reinit``/``checkpoint``: the run's), its running statistics stay the trained model's. With
+            ``units="blocks"`` a block's norms are reset with its layers.
 
     Columns: model, layer, label, kind, index, units, mode, epoch, trial, seed, draw_seed, fresh_source (where trial
     t's fresh weights came from: callable, spec, timm, torchvision or reset_parameters; empty for reinit/checkpoint),
@@ -886,7 +906,7 @@ def criticality(
     epochs = [checkpoint] if isinstance(checkpoint, int) else checkpoint
     st = Store(store) if isinstance(store, (str, Path)) else store
     job = _Job(data=data, data_key=data.fingerprint() if st is not None else "", units=units, layers=layers,
-               store=st, precision="bf16" if amp else "fp32")
+               store=st, precision="bf16" if amp else "fp32", norm=norm)
     rows: list[dict[str, Any]] = []
     sources: dict[str, str] = {}
     bar = _progress(0, progress, "criticality")
@@ -931,12 +951,11 @@ def _bind_fresh(
     """The model's fresh-instance source; the last resort (each layer's reset_parameters) warns in one line."""
     source = cache.bind(model, fresh)
     if source.kind == "reset_parameters":
-        warnings.warn(
+        warn(
             f"criticality: no constructor is known for model {name!r} ({type(model).__name__}: no fresh=, spec or "
             "exactly rebuildable timm/torchvision model), so each layer is re-drawn by its own reset_parameters() "
             "(PyTorch's default init, not necessarily the architecture's); pass fresh=lambda: "
             f"{type(model).__name__}(...) to draw fresh instances of the architecture",
-            stacklevel=3,
         )
     return source
 
@@ -951,6 +970,7 @@ class _Job:
     layers: Sequence[str] | None
     store: Store | None
     precision: str
+    norm: bool = False
     references: _ReferenceCache = field(default_factory=lambda: _ReferenceCache())
 
 
@@ -964,18 +984,23 @@ def _criticality_model(
     **run_opts: Any,
 ) -> list[dict[str, Any]]:
     """Rows of one model: finished jobs read from the store, the others computed and written shard by shard."""
-    us = units_of(model, job.units, job.layers)
+    us = units_of(model, job.units, job.layers, job.norm)
     weights = _fingerprint(model)
     st, data = job.store, job.data
 
     source = job.references.bind(model) if any(r.mode == "randomize" for r in refs) else None
+    norms = {n for n, m in model.named_modules() if structure.is_norm(m)}
 
     def config(u: Unit, r: Reference) -> dict[str, Any]:
         cfg = {"version": VERSION, "weights": weights, "data": job.data_key, "images": len(data),
-               "units": job.units, "layer": u.name, "precision": job.precision, **r.config()}
+               "units": job.units, **_unit_key(u, norms), "precision": job.precision, **r.config()}
+        own_norm = _norm_params(u, norms)
         if r.mode == "randomize" and source is not None and source.kind != "spec":
-            # a spec's draws are a function of (spec, draw_seed); other sources are keyed by the weights they drew
+            # a spec's draws are a function of (spec, draw_seed); other sources are keyed by the weights they drew:
+            # the layers', and a unit's own normalisation parameters where it has some
             cfg["fresh"] = f"{source.kind}:{job.references.digest(model, r)}"
+            if own_norm:
+                cfg["fresh"] += f":{job.references.digest(model, r, own_norm)}"
         return cfg
 
     rows: list[dict[str, Any]] = []
@@ -1018,6 +1043,17 @@ def _criticality_model(
         _evaluate(name, pipe, data, tasks, batch_size=run_opts["batch_size"], naive=run_opts["naive"],
                   max_bytes=run_opts["max_bytes"], on_done=done, advance=bar.update)
     return rows
+
+
+def _norm_params(unit: Unit, norms: set[str]) -> list[str]:
+    """The unit's parameters that belong to normalisation layers (paths in ``norms``)."""
+    return [p for p in unit.params if p.rpartition(".")[0] in norms]
+
+
+def _unit_key(unit: Unit, norms: set[str]) -> dict[str, Any]:
+    """The unit's part of a job's key: its name, and ``norm`` where it holds normalisation parameters (a block with
+    its norms is another job than the block without; every other key is as before the ``norm`` option)."""
+    return {"layer": unit.name, **({"norm": True} if _norm_params(unit, norms) else {})}
 
 
 def known_run(model: nn.Module, run: Path | None = None) -> Path | None:
@@ -1066,11 +1102,10 @@ def _warn_if_not_fresh(model: nn.Module, refs: Sequence[Reference], cache: _Refe
         return
     a, b = cache.get(model, fresh[0]), cache.get(model, fresh[1])
     if all(torch.equal(a[k], b[k]) for k in a):
-        warnings.warn(
+        warn(
             f"fresh instances of {str(cache.bind(model))!r} for trials {fresh[0].trial} and {fresh[1].trial} are "
             "identical: this source loads fixed weights instead of initialising (or ignores torch's RNG); load the "
             "model through a timm:/torchvision: spec or a layerlab checkpoint, or pass fresh=lambda: <new instance>",
-            stacklevel=3,
         )
 
 
@@ -1110,6 +1145,7 @@ def module_criticality(
     store: Store | str | Path | None = None,
     progress: bool = False,
     cache_mb: int = 2048,
+    norm: bool = False,
 ) -> pd.DataFrame:
     """Chatterji, Neyshabur, Sedghi 2020 module criticality, one row per (model, unit).
 
@@ -1124,7 +1160,8 @@ def module_criticality(
     stream ``criticality/noise``), loss = mean cross-entropy over ``data`` (the paper's training data: ``split``
     defaults to ``"train"``). A module that did not move (theta_F = theta_0) has mu_i = 0. mu_i = inf only when
     no alpha is feasible at any sigma >= ``sigma_min``. Network criticality = sum of mu_i
-    (:func:`network_criticality`).
+    (:func:`network_criticality`). ``norm=True`` adds normalisation layers (affine weight and bias) as modules, as
+    in :func:`criticality`.
 
     Columns: model, layer, label, kind, index, units, mode, criticality (= mu_i), alpha, sigma (the minimiser),
     distance (||theta_F - theta_0||_F^2), loss, epsilon, expected_loss (at the minimiser), evaluated
@@ -1158,9 +1195,13 @@ def module_criticality(
                     "run with --run RUN_DIR (run=...), whose checkpoints/epoch_0000.pt holds them"
                 )
             init_path = _run_checkpoint(run_dir, 0)
-            all_units = units_of(model, units)
-            position = {u.name: k for k, u in enumerate(all_units)}
-            us = units_of(model, units, layers)
+            # a unit's noise stream is its position among the norm=False units (norm units follow them), so that
+            # the flag never changes another unit's draws
+            base = [u.name for u in units_of(model, units)]
+            extra = [u.name for u in units_of(model, units, norm=True) if u.name not in set(base)] if norm else []
+            position = {n: k for k, n in enumerate(base + extra)}
+            us = units_of(model, units, layers, norm)
+            norms = {n for n, m in model.named_modules() if structure.is_norm(m)}
             weights = _fingerprint(model)
             init = Reference("reinit", 0, epoch=0, path=init_path)
             cfg_base = {
@@ -1171,7 +1212,7 @@ def module_criticality(
             }
             todo = []
             for u in us:
-                key = job_key(name, MODULE_ANALYSIS, {**cfg_base, "layer": u.name})
+                key = job_key(name, MODULE_ANALYSIS, {**cfg_base, **_unit_key(u, norms)})
                 if st is not None and st.has(MODULE_ANALYSIS, key):
                     rows.extend(st.read_shard(MODULE_ANALYSIS, key).to_dict("records"))
                 else:
@@ -1197,7 +1238,7 @@ def module_criticality(
                     row = {"model": name, "layer": u.name, "label": u.label, "kind": u.kind, "index": u.index,
                            "units": units, "mode": "module", **row}
                     if st is not None:
-                        cfg = {**cfg_base, "layer": u.name}
+                        cfg = {**cfg_base, **_unit_key(u, norms)}
                         st.write(MODULE_ANALYSIS, job_key(name, MODULE_ANALYSIS, cfg), pd.DataFrame([row]),
                                  {"model": name, "config": cfg, "indices": data.indices.tolist()})
                     rows.append(row)

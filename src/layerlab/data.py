@@ -32,7 +32,6 @@ import csv
 from abc import ABC, abstractmethod
 import functools
 import pickle
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Union
@@ -44,7 +43,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from . import seeds
-from .errors import DataError, ShapeError, SpecError
+from .errors import DataError, ShapeError, SpecError, warn
 from .registry import Registry
 
 DATA_SOURCES: Registry[Callable[..., "ImageData | Listing"]] = Registry("data source")
@@ -226,16 +225,28 @@ def _parse_classes(value: str) -> list[int]:
     return sorted(set(out))
 
 
-def load_data(spec: str, split: str = "test", n: int | None = None, seed: int = 0, *, arg: str = "--images") -> ImageData:
-    """Load ``split`` of the data set ``spec``; ``n`` picks a fixed seeded subset (indices in ``.indices``).
+def load_data(spec: str, split: str = "test", images: int | None = None, seed: int = 0, *, arg: str = "--images",
+              n: int | None = None) -> ImageData:
+    """Load ``split`` of the data set ``spec``; ``images`` picks a fixed seeded subset (indices in ``.indices``),
+    the same name as every analysis' subset size.
 
     Only the chosen images are decoded, once per process (memoised): repeated evaluations reuse the tensor.
-    ``n`` larger than the split is a DataError that names the split's size; ``arg`` is how the message names
-    the option that set ``n`` (``--images`` for the analyses, ``--train-n`` for training).
+    ``images`` larger than the split is a DataError that names the split's size; ``arg`` is how the message names
+    the option that set it (``--images`` for the analyses, ``--train-n`` for training). ``n`` is the old name of
+    ``images`` (a FutureWarning).
+
+    >>> d = load_data("digits?size=8", "test", images=5, seed=0)
+    >>> tuple(d.images.shape), d.split
+    ((5, 3, 8, 8), 'test')
     """
+    if n is not None:
+        if images is not None:
+            raise SpecError("load_data: pass images= only (n= is its old name)")
+        warn("load_data(n=...) is now load_data(images=...), the subset size's name in every analysis", FutureWarning)
+        images = n
     if split not in SPLITS:
         raise SpecError(f"split {split!r} is not one of {', '.join(SPLITS)}")
-    data = _load(spec, split, n, seed, arg)
+    data = _load(spec, split, images, seed, arg)
     return ImageData(data.images, data.labels, data.indices, data.classes, spec, split, dict(data.meta, seed=seed))
 
 
@@ -426,7 +437,7 @@ def _first_line(e: BaseException) -> str:
 def _warn_skipped(skipped: list[Path]) -> None:
     """One warning that lists the unreadable files ``skip_bad=true`` left out."""
     shown = ", ".join(str(p) for p in skipped[:20]) + (f" ... and {len(skipped) - 20} more" if len(skipped) > 20 else "")
-    warnings.warn(f"skip_bad=true: skipped {len(skipped)} unreadable image file(s): {shown}", stacklevel=2)
+    warn(f"skip_bad=true: skipped {len(skipped)} unreadable image file(s): {shown}")
 
 
 def _class_folder_files(root: Path) -> tuple[list[Path], list[int], list[str]]:

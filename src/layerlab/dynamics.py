@@ -3,11 +3,13 @@
 For one training run (a checkpoint series, ``layerlab.runs``) and each analysed layer l:
 
 * **CKA over training**: S_l(t1, t2) = CKA(H_l(t1), H_l(t2)), with H_l(t) the flattened layer-l features of a fixed
-  probe set (same images, same order) under checkpoint t. Linear kernel, minibatch CKA with the unbiased HSIC_1
+  probe set (same images, same order) under checkpoint t (a token output [N, T, D]: all tokens, the class token or
+  the token mean, ``tokens``). Linear kernel, minibatch CKA with the unbiased HSIC_1
   estimator by default (Nguyen, Raghu, Kornblith 2021); the table says which estimator it holds.
 * **Linear probes**: per (layer, checkpoint) a softmax probe (:mod:`layerlab.probes`) fitted on training-split
   features and scored on the test split. Probe features are the layer's map average-pooled to
-  ``probe_pool x probe_pool`` (tokens: their mean), so a probe costs milliseconds; ``probe_pool=0`` flattens it all.
+  ``probe_pool x probe_pool`` (tokens: their mean, or the class token with ``tokens="cls"``), so a probe costs
+  milliseconds; ``probe_pool=0`` flattens a conv map whole.
 * **Decision-region similarity (DRS)**: per layer, the fraction of plane grid points (:mod:`layerlab.regions`) where
   the probes of two checkpoints agree (image -> layer-l features at t -> probe_t argmax), averaged over random
   triplets of the run's own training images (:func:`training_images`: the ``train_n`` subset of run.json, with the
@@ -30,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,20 +43,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import runs
-from .data import ImageData, check_label_coverage, load_data
-from .errors import LayerlabError
-from .features import OUTPUT_KEY, Extractor, as_input
-from .layers import display_label, residual_blocks
+from . import runs, structure
+from .data import Batches, DataLike, ImageData, LoaderBatches, as_batches, check_label_coverage, load_data
+from .errors import DataError, LayerlabError, warn
+from .features import OUTPUT_KEY, Extractor, as_input, check_tokens, layer_labels, select_layers
 from .models import load_model, num_outputs
 from .probes import DEFAULT_MAX_ITER, DEFAULT_TOL, fit_probe
 from .regions import grid_coords, iter_plane_batches, plane_basis, plane_coords, plane_points, sample_triplets
+from .runtime import eval_mode, model_device, resolve_device
 from .similarity import CKAAccumulator
 from .store import Store, job_key
 
 __all__ = [
-    "DynamicsConfig",
+    "PROBE_TOKENS",
     "TABLES",
+    "DynamicsConfig",
     "compare",
     "decision_regions",
     "default_layers",
@@ -73,6 +76,10 @@ __all__ = [
 #: table name -> store analysis name
 TABLES = {"cka": "dynamics-cka", "probes": "dynamics-probes", "drs": "dynamics-drs"}
 _MEMMAP_BYTES = 256 * 2**20
+#: ``tokens`` -> how the probes reduce a token output: a probe on all T x D tokens would be T times wider for nothing
+#: (conv maps are pooled likewise, ``probe_pool``), so only ``cls`` changes what the probes see
+PROBE_TOKENS = {"flatten": "mean", "mean": "mean", "cls": "cls"}
+ModelLike = nn.Module | str
 
 
 # --------------------------------------------------------------------------------------------------- config
@@ -80,7 +87,9 @@ _MEMMAP_BYTES = 256 * 2**20
 class DynamicsConfig:
     """Everything that shapes the dynamics tables (and hence their store keys)."""
 
-    layers: tuple[str, ...] | None = None  # module names; None: stem and every residual block ("output" is always added)
+    layers: tuple[str, ...] | None = None  # module paths, labels, "blocks", "layers", "kind:Conv2d" (select_layers);
+    # None: stem and every residual/transformer block (default_layers); "output" is always added
+    tokens: str = "flatten"  # token outputs [N, T, D] for CKA: "flatten" (all), "cls" (token 0) or "mean"
     epochs: tuple[int, ...] | None = None  # checkpoints to analyse; None: all
     max_checkpoints: int | None = None  # keep at most this many (log-spaced, first and last always kept)
     images: int = 256  # CKA probe set: this many images of `split` (seeded), trimmed to whole batches; must not
@@ -118,6 +127,7 @@ class DynamicsConfig:
         for ok, msg in checks:
             if not ok:
                 raise LayerlabError(msg)
+        check_tokens(self.tokens)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -163,20 +173,29 @@ def select_epochs(available: Sequence[int], epochs: Sequence[int] | None = None,
 
 
 def default_layers(model: nn.Module) -> list[str]:
-    """Stem and every residual block (``layer3.1``, ``blocks.2``): the units Sharon & Dar follow.
+    """The stem and every residual/transformer block: the units Sharon & Dar follow, on any model.
 
-    A final single-Linear head is left out: its output is the logits, which the ``"output"`` view always covers.
+    Blocks are :func:`layerlab.structure.find_blocks`'s (``layer3.1``, ``blocks.2``, ``stages.1.blocks.0``); the stem
+    is every learnable layer registered before the first block (``conv1``, ``patch_embed.proj``). A model without
+    blocks gets every learnable layer but a final Linear head, whose output is the logits that the ``"output"`` view
+    always covers.
+
+    >>> default_layers(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(4, 2)))
+    ['0', '2']
     """
-    groups = residual_blocks(model)
-    names = list(groups)
-    modules = dict(model.named_modules())
-    if len(names) > 1 and len(groups[names[-1]]) == 1 and isinstance(modules[names[-1]], nn.Linear):
-        names = names[:-1]
-    return names
+    blocks = structure.find_blocks(model)
+    layers = [i.name for i in structure.learnable_layers(model)]
+    if blocks:
+        order = {name: k for k, (name, _) in enumerate(model.named_modules())}
+        return [n for n in layers if order[n] < order[blocks[0]]] + blocks
+    if len(layers) > 1 and isinstance(model.get_submodule(layers[-1]), nn.Linear):
+        layers = layers[:-1]
+    return layers
 
 
 def probe_features(t: torch.Tensor, pool: int = 2) -> torch.Tensor:
-    """A layer's activation as probe features [N, d]: conv maps pooled to pool x pool, tokens averaged."""
+    """A layer's activation as probe features [N, d]: conv maps pooled to pool x pool, tokens averaged (the
+    dynamics pass hands it the class token instead with ``tokens="cls"``, :data:`PROBE_TOKENS`)."""
     if t.ndim == 4:
         if pool and (t.shape[-2] > pool or t.shape[-1] > pool):  # never up-sample a small map
             t = F.adaptive_avg_pool2d(t, (min(pool, t.shape[-2]), min(pool, t.shape[-1])))
@@ -255,7 +274,7 @@ TRIPLET_TABLE = "dynamics-triplets"
 def training_images(run: str | Path) -> ImageData:
     """The images a run trained on, with the labels it trained on, rebuilt from its run.json.
 
-    The training loop (:func:`layerlab.train.train`) trains on ``load_data(data, "train", n=train_n, seed=seed)`` with
+    The training loop (:func:`layerlab.train.train`) trains on ``load_data(data, "train", images=train_n, seed=seed)`` with
     the recipe's symmetric label noise applied by :func:`layerlab.train.loop.noisy_labels`; this calls the same two
     functions with the values run.json records. In the result, ``labels`` are the labels the network was trained
     with (the noisy ones included), ``meta["clean_labels"]`` the data set's own labels, ``meta["noisy"]`` a bool mask
@@ -280,7 +299,7 @@ def training_images(run: str | Path) -> ImageData:
             f"{RNG_STREAMS!r}: its training subset (train_n={train_n}) and noisy labels (label_noise={noise}) cannot be "
             "rebuilt by this version; retrain it (`layerlab train`, or delete the zoo folder and re-run the demo)"
         )
-    train = load_data(data, "train", n=train_n, seed=seed)
+    train = load_data(data, "train", images=train_n, seed=seed)
     trained = noisy_labels(train.labels, noise, train.num_classes, seed)
     meta = dict(train.meta, clean_labels=train.labels.clone(), noisy=trained != train.labels, label_noise=noise,
                 run=str(run))
@@ -308,36 +327,31 @@ def _warn_probe_rows(frame: pd.DataFrame, what: str) -> None:
     bad = frame[~frame["probe_converged"].astype(bool)]
     if bad.empty:
         return
-    import warnings
-
     from .probes import ProbeConvergenceWarning
 
     capped = int((bad["probe_iterations"] >= bad["probe_max_iter"]).sum())
     where = ", ".join(f"{l}@{int(e)}" for l, e in list(zip(bad["layer"], bad["epoch"]))[:4])
     where += ", ..." if len(bad) > 4 else ""
-    warnings.warn(
+    warn(
         f"{what}: {len(bad)} of {len(frame)} linear probes did not converge ({capped} stopped at the L-BFGS cap "
         f"probe_iter={'/'.join(str(int(v)) for v in sorted(set(bad['probe_max_iter'])))}: {where}); their accuracies "
         "are biased low; raise probe_iter (rows: probe_converged == False)",
-        ProbeConvergenceWarning, stacklevel=3,
+        ProbeConvergenceWarning,
     )
-
-
-def _label(name: str) -> str:
-    return OUTPUT_KEY if name == OUTPUT_KEY else display_label(name)
 
 
 def _load(path: Path, device: str | torch.device) -> nn.Module:
     return load_model(f"file:{path}", device=device).eval()
 
 
-def _resolve_views(model: nn.Module, requested: Sequence[str] | None) -> list[str]:
-    """Layer names to analyse (validated against the model), plus "output" last."""
-    names = list(requested) if requested else default_layers(model)
-    inner = [n for n in names if n != OUTPUT_KEY]
-    if inner:
-        Extractor(model, inner)  # unknown names raise with the closest valid ones
-    return list(dict.fromkeys(inner)) + [OUTPUT_KEY]
+def _resolve_views(model: nn.Module, requested: str | Sequence[str] | None) -> list[str]:
+    """The module paths to analyse (:func:`layerlab.features.select_layers`, default :func:`default_layers`), plus
+    "output" (the logits) last."""
+    requested = [requested] if isinstance(requested, str) else list(requested or [])
+    if not requested:
+        return default_layers(model) + [OUTPUT_KEY]
+    inner = [r for r in requested if r != OUTPUT_KEY]  # ["output"] alone: the logits only
+    return [n for n in (select_layers(model, inner) if inner else []) if n != OUTPUT_KEY] + [OUTPUT_KEY]
 
 
 def _trim(data: ImageData, batch_size: int) -> tuple[ImageData, int]:
@@ -364,13 +378,20 @@ class _Inputs:
     num_classes: int
 
 
-def _features(model: nn.Module, layers: list[str], images: torch.Tensor, batch: int, device: str | torch.device,
-              transform: Callable[[torch.Tensor], torch.Tensor], output: bool = False) -> dict[str, list[torch.Tensor]]:
+def _slices(images: torch.Tensor, batch: int) -> Iterator[torch.Tensor]:
+    return (images[start : start + batch] for start in range(0, images.shape[0], batch))
+
+
+def _features(model: nn.Module, layers: list[str], batches: Iterable[torch.Tensor], device: str | torch.device,
+              transform: Callable[[torch.Tensor], torch.Tensor], output: bool = False,
+              tokens: str = "flatten") -> dict[str, list[torch.Tensor]]:
+    """``{view: [transform(features) per batch]}`` over image batches, computed inside the forward hooks."""
     out: dict[str, list[torch.Tensor]] = {}
-    with Extractor(model, layers, pool=False, flatten=False, include_output=output, transform=transform) as ex:
-        for start in range(0, images.shape[0], batch):
+    with Extractor(model, layers, pool=False, flatten=False, include_output=output, transform=transform,
+                   tokens=tokens) as ex:
+        for x in batches:
             with torch.inference_mode():
-                feats = ex(as_input(images[start : start + batch].to(device)))
+                feats = ex(as_input(x.to(device)))
             for k, v in feats.items():
                 out.setdefault(k, []).append(v.cpu())
     return out
@@ -384,12 +405,14 @@ def _checkpoint_pass(model: nn.Module, cfg: DynamicsConfig, inputs: _Inputs, cka
     result: dict[str, Any] = {"grams": {}, "probes": {}, "preds": {}}
     if cka_views:
         inner = [v for v in cka_views if v != OUTPUT_KEY]
-        feats = _features(model, inner, inputs.cka_images, inputs.cka_batch, device, gram, OUTPUT_KEY in cka_views)
+        feats = _features(model, inner, _slices(inputs.cka_images, inputs.cka_batch), device, gram,
+                          OUTPUT_KEY in cka_views, cfg.tokens)
         result["grams"] = {v: torch.stack(feats[v]) for v in cka_views}
     if probe_layers:
         view = lambda t: probe_features(t, cfg.probe_pool).float()  # noqa: E731
-        tr = _features(model, probe_layers, inputs.probe_train.float(), 256, device, view)
-        te = _features(model, probe_layers, inputs.probe_test.float(), 256, device, view)
+        tokens = PROBE_TOKENS[cfg.tokens]
+        tr = _features(model, probe_layers, _slices(inputs.probe_train.float(), 256), device, view, tokens=tokens)
+        te = _features(model, probe_layers, _slices(inputs.probe_test.float(), 256), device, view, tokens=tokens)
         for layer in probe_layers:
             xtr, xte = torch.cat(tr[layer]), torch.cat(te[layer])
             p = fit_probe(xtr, inputs.probe_train.labels, num_classes=inputs.num_classes, method=cfg.probe_method,
@@ -403,10 +426,10 @@ def _checkpoint_pass(model: nn.Module, cfg: DynamicsConfig, inputs: _Inputs, cka
 
 
 def _view_logits(model: nn.Module, layers: list[str], probes: dict[str, tuple], pool: int,
-                 device: str | torch.device) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+                 device: str | torch.device, tokens: str = "flatten") -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
     """images -> {view: logits}: each layer through its probe, and the network output."""
     folded = {l: probes[l][0].fold(torch.float32, device) for l in layers}
-    ex = Extractor(model, layers, pool=False, flatten=False, include_output=True,
+    ex = Extractor(model, layers, pool=False, flatten=False, include_output=True, tokens=PROBE_TOKENS[tokens],
                    transform=lambda t: probe_features(t, pool).float()) if layers else None
 
     def fn(x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -425,7 +448,7 @@ def _view_logits(model: nn.Module, layers: list[str], probes: dict[str, tuple], 
 def _plane_predictions(model: nn.Module, cfg: DynamicsConfig, inputs: _Inputs, views: list[str],
                        probes: dict[str, tuple], device: str | torch.device) -> dict[str, np.ndarray]:
     layers = [v for v in views if v != OUTPUT_KEY]
-    fn = _view_logits(model, layers, probes, cfg.probe_pool, device)
+    fn = _view_logits(model, layers, probes, cfg.probe_pool, device, cfg.tokens)
     chunks: dict[str, list[np.ndarray]] = {v: [] for v in views}
     for pts in iter_plane_batches(inputs.triplets, cfg.resolution, cfg.margin, batch_size=512):
         logits = fn(pts)
@@ -520,17 +543,22 @@ def dynamics(
     store = Store(store) if isinstance(store, (str, Path)) else store
     first = _load(ckpts[epochs[0]], device)
     views = _resolve_views(first, cfg.layers)
+    labels = layer_labels(first, views)
     layers = [v for v in views if v != OUTPUT_KEY]
     run_name = run.name
     identity = _run_identity(run)
 
     def key_config(table: str, view: str) -> dict[str, Any]:
+        # a token choice enters a key only where it is not the default, so every earlier key stays valid
         c = cfg.to_dict()
         shared = {"layer": view, "epochs": epochs, "data": data}
         if table == "cka":
-            return shared | {k: c[k] for k in ("images", "batch_size", "split", "estimator", "kernel", "seed")}
+            tokens = {"tokens": cfg.tokens} if cfg.tokens != "flatten" else {}
+            return shared | {k: c[k] for k in ("images", "batch_size", "split", "estimator", "kernel", "seed")} | tokens
         probe = {k: c[k] for k in ("probe_method", "probe_l2", "probe_iter", "probe_tol", "probe_pool", "probe_train",
                                    "seed")}
+        if PROBE_TOKENS[cfg.tokens] != "mean":
+            probe["tokens"] = PROBE_TOKENS[cfg.tokens]
         if table == "probes":
             return shared | probe
         return shared | probe | {k: c[k] for k in ("triplets", "resolution", "margin")} | {"triplet_source": TRIPLET_SOURCE}
@@ -569,7 +597,7 @@ def dynamics(
     frames: dict[str, list[pd.DataFrame]] = {t: [] for t in TABLES}
     for (table, view), key in keys.items():
         if (table, view) in computed:
-            frame = computed[(table, view)].assign(run=run_name, layer=view, label=_label(view))
+            frame = computed[(table, view)].assign(run=run_name, layer=view, label=labels[view])
             frame = frame[["run", "layer", "label"] + [c for c in frame.columns if c not in ("run", "layer", "label")]]
             if store is not None:
                 store.write(TABLES[table], key, frame, {"model": identity, "config": key_config(table, view)})
@@ -599,10 +627,10 @@ def _compute(run: Path, ckpts: dict[int, Path], epochs: list[int], cfg: Dynamics
 
     cka_images, cka_batch = torch.zeros(0), 1
     if cka_views:
-        cka_set, cka_batch = _trim(load_data(data, cfg.split, n=cfg.images, seed=cfg.seed), cfg.batch_size)
+        cka_set, cka_batch = _trim(load_data(data, cfg.split, images=cfg.images, seed=cfg.seed), cfg.batch_size)
         cka_images = cka_set.float()
     need_probe = bool(probe_layers)
-    probe_train = load_data(data, "train", n=cfg.probe_train, seed=cfg.seed) if need_probe else None
+    probe_train = load_data(data, "train", images=cfg.probe_train, seed=cfg.seed) if need_probe else None
     probe_test = load_data(data, "test") if need_probe else None
     # the model must be able to predict every class of the data it is analysed on
     analysed = ([cka_set] if cka_views else []) + ([probe_train, probe_test] if need_probe else [])
@@ -651,45 +679,113 @@ def _compute(run: Path, ckpts: dict[int, Path], epochs: list[int], cfg: Dynamics
     return out, probes
 
 
+#: images="auto": this many CKA probe images of indexable data, or all when it holds fewer
+AUTO_IMAGES = 256
+
+
+def _compare_model(model: ModelLike, device: str | torch.device | None, what: str) -> tuple[nn.Module, str]:
+    """(module, name for the table): a spec loaded in eval mode on ``device`` (default the CPU), or the caller's
+    module where it is (never moved; a ``device`` of another type is an error)."""
+    if isinstance(model, str):
+        return load_model(model, device=resolve_device(device)), model
+    if not isinstance(model, nn.Module):
+        raise LayerlabError(f"{what}: expected a model spec ('timm:resnet18', 'file:run/final.pt') or an nn.Module, "
+                            f"got {type(model).__name__}")
+    have = model_device(model) or torch.device("cpu")
+    if device is not None and resolve_device(device).type != have.type:
+        raise LayerlabError(f"{what} is on {have} but device={str(device)!r}; move it first with model.to(...) "
+                            "(layerlab never moves a model it was handed) or leave device=None")
+    return model, getattr(model, "layerlab_spec", None) or type(model).__name__
+
+
+def _probe_batches(data: DataLike, images: int | str | None, batch_size: int, seed: int, split: str) -> Batches:
+    """The probe images as batches (:func:`layerlab.data.as_batches`). ``images="auto"``: :data:`AUTO_IMAGES` of
+    indexable data (a fixed seeded subset; all when it holds fewer), every image of a DataLoader."""
+    if images != "auto":
+        return as_batches(data, batch_size, images=images, seed=seed, split=split, arg="images=")
+    try:
+        source = as_batches(data, batch_size, images=AUTO_IMAGES, seed=seed, split=split, arg="images=")
+    except DataError:  # fewer images than AUTO_IMAGES: take them all
+        return as_batches(data, batch_size, images=None, seed=seed, split=split, arg="images=")
+    if isinstance(source, LoaderBatches):  # a DataLoader's own images, not its first AUTO_IMAGES
+        return as_batches(data, batch_size, images=None, seed=seed, split=split, arg="images=")
+    return source
+
+
+def _equal_batches(source: Batches) -> Iterator[torch.Tensor]:
+    """The source's image batches of the first batch's size: minibatch CKA weighs every batch equally, so a short
+    last batch is left out (the table's ``n`` counts the images used)."""
+    size = None
+    for x, _ in source.batches():
+        size = size or x.shape[0]
+        if x.shape[0] == size:
+            yield x
+
+
 def compare(
-    spec_a: str,
-    spec_b: str,
-    data: str = "digits",
+    model_a: ModelLike,
+    model_b: ModelLike,
+    data: DataLike = "digits",
     *,
-    layers_a: Sequence[str] | None = None,
-    layers_b: Sequence[str] | None = None,
-    images: int = 256,
+    layers_a: str | Sequence[str] | None = None,
+    layers_b: str | Sequence[str] | None = None,
+    tokens: str = "flatten",
+    images: int | str | None = "auto",
     batch_size: int = 64,
     split: str = "test",
     estimator: str = "unbiased",
     kernel: str = "linear",
     seed: int = 0,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
 ) -> pd.DataFrame:
     """Layer x layer CKA between two models on the same images: model_a, model_b, layer_a, label_a, layer_b,
-    label_b, cka, estimator, kernel, n, n_batches, batch_size (minibatch unbiased CKA by default).
+    label_b, cka, estimator, kernel, n, n_batches, gram_dtype, batch_size, tokens (minibatch unbiased CKA by default).
 
-    Layers default to each model's stem, residual blocks and output (the logits).
+    Args:
+        model_a, model_b: model specs (``timm:resnet18``, ``file:run/final.pt``) or any ``nn.Module`` (used where
+            it is, in eval mode for the call, never moved or modified).
+        data: a data spec, an ImageData, a tensor, an ``(images, labels)`` pair, a Dataset or a DataLoader
+            (:func:`layerlab.data.as_batches`; the user's own images are fed as given). ``images``: a fixed seeded
+            subset of indexable data (``"auto"``: 256, or all when fewer; ``None``: all), the first N of a
+            DataLoader (``"auto"``: all of it). Batches are ``batch_size`` images (a DataLoader's own batches); a
+            batch smaller than the first (the short last one) is left out, so every batch weighs the same.
+        layers_a, layers_b: :func:`layerlab.features.select_layers` items (module paths, labels, ``"blocks"``,
+            ``"layers"``, ``"kind:Conv2d"``); default :func:`default_layers` (stem and blocks). The logits
+            (``"output"``) are always added.
+        tokens: how a token output [N, T, D] becomes features: ``"flatten"`` (all T x D values, the default),
+            ``"cls"`` (token 0, the class token of timm/torchvision ViTs; refused for a model without one) or
+            ``"mean"`` (the token average). Conv maps are always flattened whole.
+        estimator, kernel: of :class:`~layerlab.similarity.CKAAccumulator`.
+        device: where specs are loaded (default the CPU); a module computes where it is.
+
+    Example:
+        >>> net = lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+        >>> f = compare(net(), net(), torch.rand(32, 1, 8, 8), layers_a="kind:Conv2d", layers_b="layers", batch_size=8)
+        >>> f[["layer_a", "layer_b"]].apply(tuple, axis=1).tolist()
+        [('0', '0'), ('0', '3'), ('0', 'output'), ('output', '0'), ('output', '3'), ('output', 'output')]
     """
-    ma, mb = load_model(spec_a, device=device), load_model(spec_b, device=device)
+    tokens = check_tokens(tokens)
+    (ma, name_a), (mb, name_b) = _compare_model(model_a, device, "model_a"), _compare_model(model_b, device, "model_b")
     va, vb = _resolve_views(ma, layers_a), _resolve_views(mb, layers_b)
-    probe, b = _trim(load_data(data, split, n=images, seed=seed), batch_size)
+    source = _probe_batches(data, images, batch_size, seed, split)
     acc = CKAAccumulator(len(va), len(vb), kernel=kernel, estimator=estimator, names_a=va, names_b=vb)
-    gram = acc.gram
-    x = probe.float()
 
     def grams(model: nn.Module, views: list[str]) -> dict[str, list[torch.Tensor]]:
-        return _features(model, [v for v in views if v != OUTPUT_KEY], x, b, device, gram, OUTPUT_KEY in views)
+        inner = [v for v in views if v != OUTPUT_KEY]
+        with eval_mode(model):
+            return _features(model, inner, _equal_batches(source), model_device(model) or "cpu", acc.gram,
+                             OUTPUT_KEY in views, tokens)
 
     ga, gb = grams(ma, va), grams(mb, vb)
     for bi in range(len(ga[va[0]])):
         acc.update_grams([ga[v][bi] for v in va], [gb[v][bi] for v in vb])
     f = acc.to_frame()
-    f.insert(0, "model_b", spec_b)
-    f.insert(0, "model_a", spec_a)
-    f.insert(f.columns.get_loc("layer_a") + 1, "label_a", f["layer_a"].map(_label))
-    f.insert(f.columns.get_loc("layer_b") + 1, "label_b", f["layer_b"].map(_label))
-    f["batch_size"] = b
+    f.insert(0, "model_b", name_b)
+    f.insert(0, "model_a", name_a)
+    f.insert(f.columns.get_loc("layer_a") + 1, "label_a", f["layer_a"].map(layer_labels(ma, va)))
+    f.insert(f.columns.get_loc("layer_b") + 1, "label_b", f["layer_b"].map(layer_labels(mb, vb)))
+    f["batch_size"] = int(ga[va[0]][0].shape[-1])
+    f["tokens"] = tokens
     return f
 
 
@@ -698,7 +794,8 @@ def decision_regions(
     data: str | None = None,
     *,
     epochs: Sequence[int] | None = None,
-    layers: Sequence[str] | None = None,
+    layers: str | Sequence[str] | None = None,
+    tokens: str = "flatten",
     triplet: int | Sequence[int] = 0,
     resolution: int = 100,
     margin: float = 0.1,
@@ -721,7 +818,9 @@ def decision_regions(
     "anchors": point, row, index, class, clean_class, noisy, c1, c2; "probes": run, epoch, layer, train_acc,
     test_acc, probe_iterations, probe_converged, probe_max_iter}`` with confidence = max softmax(logits /
     temperature) (Somepalli et al. 2022 use temperature 5); ``class`` is the label the network was trained with,
-    ``clean_class`` the data set's, ``index`` the data-set index.
+    ``clean_class`` the data set's, ``index`` the data-set index. ``layers``: :func:`layerlab.features.select_layers`
+    items (default :func:`default_layers`); ``tokens="cls"`` fits the probes of token layers on the class token
+    (else the token mean, :data:`PROBE_TOKENS`).
     """
     run = Path(run_dir)
     config_json = runs.run_config(run)
@@ -744,8 +843,8 @@ def decision_regions(
     coords = grid_coords(c1, c2)
     points = plane_points(basis, coords, tuple(imgs.shape[1:]))
     cfg = DynamicsConfig(probe_method=probe_method, probe_l2=probe_l2, probe_iter=probe_iter, probe_tol=probe_tol,
-                         probe_pool=probe_pool, probe_train=probe_train, seed=seed)
-    probe_train_set = load_data(data, "train", n=probe_train, seed=seed)
+                         probe_pool=probe_pool, probe_train=probe_train, seed=seed, tokens=tokens)
+    probe_train_set = load_data(data, "train", images=probe_train, seed=seed)
     probe_test = load_data(data, "test")
     ii, jj = np.meshgrid(np.arange(resolution), np.arange(resolution))  # point index = j * R + i
     frames, probe_rows = [], []
@@ -756,6 +855,7 @@ def decision_regions(
             for d in (pool, probe_train_set, probe_test):
                 check_label_coverage(n_out, d, f"run {run.name!r}")
         views = _resolve_views(model, layers)
+        labels = layer_labels(model, views)
         inner = [v for v in views if v != OUTPUT_KEY]
         inputs = _Inputs(torch.zeros(0), 1, probe_train_set, probe_test, None, probe_train_set.num_classes)
         res = _checkpoint_pass(model, cfg, inputs, [], inner, [], device)
@@ -763,7 +863,7 @@ def decision_regions(
             probe_rows.append({"run": run.name, "epoch": epoch, "layer": layer, "train_acc": tr_acc, "test_acc": te_acc,
                                "probe_iterations": p.iterations, "probe_converged": p.converged,
                                "probe_max_iter": p.max_iter})
-        fn = _view_logits(model, inner, res["probes"], probe_pool, device)
+        fn = _view_logits(model, inner, res["probes"], probe_pool, device, tokens)
         logits: dict[str, list[torch.Tensor]] = {v: [] for v in views}
         for start in range(0, points.shape[0], 512):
             out = fn(points[start : start + 512])
@@ -773,7 +873,7 @@ def decision_regions(
             lg = torch.cat(logits[v]).double()
             conf = torch.softmax(lg / temperature, dim=1).max(dim=1).values
             frames.append(pd.DataFrame({
-                "run": run.name, "epoch": epoch, "layer": v, "label": _label(v), "i": ii.reshape(-1), "j": jj.reshape(-1),
+                "run": run.name, "epoch": epoch, "layer": v, "label": labels[v], "i": ii.reshape(-1), "j": jj.reshape(-1),
                 "c1": coords[:, 0].numpy(), "c2": coords[:, 1].numpy(), "pred": lg.argmax(1).numpy(),
                 "confidence": conf.numpy(),
             }))
@@ -810,7 +910,7 @@ def fit_summary(training: pd.DataFrame, checkpoint_epochs: dict[str, list[int]])
 
 def demo_layers(model: nn.Module, count: int = 4) -> list[str]:
     """About ``count`` blocks spread over the depth: the last block of each ResNet stage, or evenly spaced ViT blocks."""
-    blocks = default_layers(model)[1:] or default_layers(model)
+    blocks = structure.find_blocks(model) or default_layers(model)
     stages: dict[str, str] = {}
     for b in blocks:
         stages[b.rsplit(".", 1)[0]] = b  # keeps the last block of each stage

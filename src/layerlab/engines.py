@@ -16,7 +16,7 @@ import socket
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .errors import LayerlabError
+from .errors import LayerlabError, warn
 from .registry import Registry
 
 __all__ = ["ENGINES", "engine", "import_ray", "local_engine", "ray_engine", "topo_order"]
@@ -145,9 +145,7 @@ def _check_fits(jobs: Sequence[Any], cluster: dict[str, float], *, fixed: bool) 
                                                          ", or add nodes: until then those jobs wait"))
             if fixed:
                 raise LayerlabError(msg)
-            import warnings
-
-            warnings.warn(msg, stacklevel=3)
+            warn(msg)
 
 
 @engine("ray")

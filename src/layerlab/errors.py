@@ -5,9 +5,25 @@ and keeps its traceback.
 """
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 class LayerlabError(Exception):
     """A problem with the user's input (spec, path, shape, data) that the user can fix."""
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the user's line: the first caller outside the layerlab package (and outside
+    the standard library's contextlib/functools glue), so ``ll.criticality(...)`` in a notebook cell shows that
+    cell, not ``layerlab/_api.py``. (``skip_file_prefixes`` does this from Python 3.12; 3.11 is supported.)"""
+    frame, level = sys._getframe(1), 2  # stacklevel 2 is warn()'s caller, the frame getframe(1) returns
+    while frame is not None and (frame.f_code.co_filename.startswith(_PACKAGE_DIR)
+                                 or os.path.basename(frame.f_code.co_filename) in ("contextlib.py", "functools.py")):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 class SpecError(LayerlabError, ValueError):

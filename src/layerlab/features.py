@@ -6,6 +6,10 @@
   METHODS.md section 4: later layers are never computed, gradients flow back to the input).
 * :func:`iter_features` streams features over a tensor of images in batches under ``torch.inference_mode``,
   so a caller (e.g. :class:`layerlab.similarity.CKAAccumulator`) never holds more than one batch.
+* :func:`select_layers` turns what a user asks for (module paths, layer labels, ``blocks``, ``layers``,
+  ``kind:Conv2d``) into module paths on any model; :func:`layer_labels` gives them their table labels.
+* ``tokens`` (:data:`TOKENS`) says how a token output [N, T, D] becomes features: all of it (``flatten``), the class
+  token (``cls``) or the token mean (``mean``); conv maps and other shapes are unaffected.
 """
 from __future__ import annotations
 
@@ -16,11 +20,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import runtime
+from . import runtime, structure
 from .runtime import eval_mode
 from .errors import LayerlabError, ShapeError, check_images
 
-__all__ = ["Extractor", "as_input", "forward_until", "iter_features"]
+__all__ = [
+    "TOKENS",
+    "Extractor",
+    "as_input",
+    "check_tokens",
+    "forward_until",
+    "has_class_token",
+    "iter_features",
+    "layer_labels",
+    "select_layers",
+]
 
 OUTPUT_KEY = "output"
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -44,6 +58,130 @@ def _resolve(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
             )
         out[name] = modules[name]
     return out
+
+
+# ============================================================================================ layer selection
+KIND_PREFIX = "kind:"
+
+#: selector keywords -> the module paths they stand for, in module order
+SELECTORS: dict[str, Callable[[nn.Module], list[str]]] = {
+    "blocks": structure.find_blocks,  # every residual/transformer block
+    "layers": lambda model: [i.name for i in structure.learnable_layers(model)],  # every learnable layer
+}
+
+_HOW_TO_LIST = "list them with `layerlab layers SPEC` or layerlab.structure.learnable_layers(model) / find_blocks(model)"
+
+
+def _labelled(model: nn.Module) -> dict[str, str]:
+    """label -> module path, for every learnable layer and block whose label is unique in the model."""
+    pairs = [(i.label, i.name) for i in structure.learnable_layers(model)]
+    pairs += [(structure.block_label(b), b) for b in structure.find_blocks(model)]
+    counts: dict[str, int] = {}
+    for label, _ in pairs:
+        counts[label] = counts.get(label, 0) + 1
+    return {label: name for label, name in pairs if counts[label] == 1}
+
+
+def _by_kind(model: nn.Module, kind: str) -> list[str]:
+    found = [n for n, m in model.named_modules() if n and type(m).__name__ == kind]
+    if not found:
+        kinds = sorted({type(m).__name__ for n, m in model.named_modules() if n})
+        close = difflib.get_close_matches(kind, kinds, n=3, cutoff=0.5)
+        hint = f" (did you mean {', '.join(repr(KIND_PREFIX + c) for c in close)}?)" if close else ""
+        raise LayerlabError(f"layers: no module of class {kind!r} in {type(model).__name__}{hint}; its module classes: "
+                            f"{', '.join(kinds[:12])}{' ...' if len(kinds) > 12 else ''}")
+    return found
+
+
+def select_layers(model: nn.Module, requested: str | Sequence[str]) -> list[str]:
+    """The module paths of ``model`` that ``requested`` names, in the order asked (duplicates dropped).
+
+    Each item is a module path (``layer3.1``, ``blocks.4.attn``), the label of a learnable layer or block from
+    :mod:`layerlab.structure` (``[3.1] conv2``, ``[3.1]``), ``blocks`` (every residual/transformer block, from
+    :func:`layerlab.structure.find_blocks`), ``layers`` (every learnable layer) or ``kind:<ClassName>`` (every
+    module of that class, e.g. ``kind:Conv2d``, ``kind:Block``). Works on any ``nn.Module``; an unknown item is a
+    one-line :class:`LayerlabError` naming the closest valid ones.
+
+    >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4, 2))
+    >>> select_layers(net, ["kind:Conv2d", "layers", "1"])
+    ['0', '3', '1']
+    """
+    if isinstance(requested, str):
+        requested = [requested]
+    modules = {n for n, _ in model.named_modules() if n}
+    labels: dict[str, str] | None = None
+    out: list[str] = []
+    for item in requested:
+        if not isinstance(item, str):
+            raise LayerlabError(f"layers: expected names such as 'layer3.1', '[3.1] conv2', 'blocks' or 'kind:Conv2d', "
+                                f"got {item!r}")
+        if item in SELECTORS:
+            found = SELECTORS[item](model)
+            if not found:
+                raise LayerlabError(f"layers: {item!r} selects nothing in {type(model).__name__} (it has no "
+                                    f"{'residual/transformer blocks' if item == 'blocks' else 'learnable layers'}); "
+                                    "pass 'layers' or module paths instead")
+        elif item.startswith(KIND_PREFIX):
+            found = _by_kind(model, item[len(KIND_PREFIX):])
+        elif item in modules:
+            found = [item]
+        else:
+            labels = _labelled(model) if labels is None else labels
+            if item not in labels:
+                choices = sorted(modules | set(labels) | set(SELECTORS))
+                close = difflib.get_close_matches(item, choices, n=3, cutoff=0.5)
+                hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+                raise LayerlabError(f"unknown layer {item!r} in {type(model).__name__}{hint}; pass a module path, a "
+                                    f"layer label, 'blocks', 'layers' or 'kind:<ClassName>'; {_HOW_TO_LIST}")
+            found = [labels[item]]
+        out += found
+    if not out:
+        raise LayerlabError("layers: the list is empty; pass at least one layer, or None for the default")
+    return list(dict.fromkeys(out))
+
+
+def layer_labels(model: nn.Module, names: Sequence[str]) -> dict[str, str]:
+    """Table labels of module paths: a learnable layer's label from :mod:`layerlab.structure` (``[3.1] conv2``), a
+    block's path (``layer3.1``, ``blocks.4``), a module inside a block its block's label and the rest of its path
+    (``[4] attn``), anything else its path (a ``Normalized`` wrapper's ``net.`` left out); ``output`` stays."""
+    learnable = {i.name: i.label for i in structure.learnable_layers(model)}
+    blocks = structure.find_blocks(model)
+
+    def inner(name: str) -> str:
+        return name.removeprefix("net.")
+
+    def label(name: str) -> str:
+        if name in learnable:
+            return learnable[name]
+        if name in blocks or name == OUTPUT_KEY:
+            return inner(name)
+        owner = next((b for b in blocks if name.startswith(b + ".")), None)
+        return f"{structure.block_label(owner)} {name[len(owner) + 1:]}" if owner else inner(name)
+
+    return {n: label(n) for n in names}
+
+
+# ============================================================================================ token outputs
+#: how a token output [N, T, D] (batch first, as timm and torchvision ViTs give it) becomes features
+TOKENS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "flatten": lambda t: t,  # every token: T x D features once flattened (the default)
+    "cls": lambda t: t[:, 0],  # the class token, first in timm and torchvision ViTs
+    "mean": lambda t: t.mean(dim=1),  # the average over tokens
+}
+
+
+def check_tokens(tokens: Any) -> str:
+    """``tokens`` validated: one of :data:`TOKENS`, else a one-line LayerlabError."""
+    if not isinstance(tokens, str) or tokens not in TOKENS:
+        raise LayerlabError(f"tokens: expected one of {', '.join(map(repr, TOKENS))} (how a token output [N, T, D] "
+                            f"becomes features: all of it, the class token, the token mean), got {tokens!r}")
+    return tokens
+
+
+def has_class_token(model: nn.Module) -> bool:
+    """Whether ``model`` holds a class token: a non-None ``cls_token`` (timm) or ``class_token`` (torchvision)
+    attribute on any of its modules."""
+    return any(getattr(m, a, None) is not None for m in model.modules() for a in ("cls_token", "class_token"))
 
 
 def _first_tensor(out: Any, name: str) -> torch.Tensor:
@@ -74,8 +212,11 @@ class Extractor:
     """Capture the outputs of named modules during one forward pass.
 
     ``with Extractor(model, ["layer1.0.conv1", "fc"]) as ex: feats = ex(x)`` gives ``{name: Tensor[N, D]}`` in
-    the order of ``layers``. ``pool=True`` averages conv maps [N, C, H, W] -> [N, C] and tokens [N, T, D] ->
-    [N, D] (channels-first layout assumed); ``flatten=True`` flattens the rest to [N, D]. ``detach=False`` keeps
+    the order of ``layers``. ``tokens`` (:data:`TOKENS`) first reduces a token output [N, T, D]: ``"flatten"``
+    (default) keeps it, ``"cls"`` takes token 0 (refused for a model without a class token), ``"mean"`` averages
+    the tokens; 4-D conv maps and 2-D outputs are unaffected. ``pool=True`` then averages conv maps [N, C, H, W] ->
+    [N, C] and (kept) tokens [N, T, D] -> [N, D] (channels-first layout assumed); ``flatten=True`` flattens the rest
+    to [N, D]. ``detach=False`` keeps
     the autograd graph. ``include_output=True`` adds the model's output under ``"output"``. ``transform`` runs on
     each (pooled/flattened) activation inside its hook, so only its result is kept (e.g. ``CKAAccumulator.gram``
     turns a [N, D] activation into an [N, N] Gram matrix as soon as the layer has run).
@@ -94,6 +235,7 @@ class Extractor:
         detach: bool = True,
         include_output: bool = False,
         transform: Transform | None = None,
+        tokens: str = "flatten",
     ) -> None:
         if isinstance(layers, str):
             layers = [layers]
@@ -111,6 +253,8 @@ class Extractor:
         self.pool, self.flatten, self.detach = pool, flatten, detach
         self.include_output = include_output
         self.transform = transform
+        self.tokens = check_tokens(tokens)
+        self._class_token = tokens != "cls" or has_class_token(model)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._feats: dict[str, torch.Tensor] = {}
 
@@ -118,6 +262,14 @@ class Extractor:
         t = _first_tensor(out, name)
         if self.detach:
             t = t.detach()
+        if t.ndim == 3:
+            if not self._class_token:
+                raise LayerlabError(
+                    f"tokens='cls': layer {name!r} outputs tokens {list(t.shape)} but {type(self.model).__name__} has "
+                    "no class token (no cls_token or class_token attribute, e.g. a ViT built without one); use "
+                    "tokens='mean' or 'flatten'"
+                )
+            t = TOKENS[self.tokens](t)
         t = _reshape(t, self.pool, self.flatten)
         return self.transform(t) if self.transform is not None else t
 
@@ -231,6 +383,7 @@ def iter_features(
     include_output: bool = False,
     transform: Transform | None = None,
     channels_last: bool = True,
+    tokens: str = "flatten",
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Yield ``{layer: features}`` for consecutive batches of ``data`` (images [N, C, H, W], or (images, labels)).
 
@@ -243,6 +396,7 @@ def iter_features(
     convolutions run faster (ResNet-18 at 32 px, batch 256: ~2130 vs ~1870 img/s on 2 CPU threads) while the model's
     weights stay as they are. Values are unchanged; conv activations then come out channels_last, which
     ``flatten=True`` still returns in NCHW order and :meth:`CKAAccumulator.gram` flattens without a copy.
+    ``tokens``: how token outputs [N, T, D] become features (:class:`Extractor`).
     """
     images = data[0] if isinstance(data, (tuple, list)) else data
     check_images(images, name="data")
@@ -257,7 +411,8 @@ def iter_features(
             f"iter_features: the model is on {model_device} but device={device}; call model.to({str(device)!r}) "
             "first or pass the model's device"
         )
-    extractor = Extractor(model, layers, pool=pool, flatten=flatten, include_output=include_output, transform=transform)
+    extractor = Extractor(model, layers, pool=pool, flatten=flatten, include_output=include_output, transform=transform,
+                          tokens=tokens)
     with eval_mode(model):
         for start in range(0, images.shape[0], batch_size):
             batch = as_input(images[start : start + batch_size].to(device, non_blocking=True), channels_last)

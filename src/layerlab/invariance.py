@@ -20,7 +20,8 @@ deep layers may not converge, and a STIR value means little when its inversion d
 STIR (:func:`stir`). STIR(m2_j | m1_i) = CKA(m2_j(X), m2_j(X'_i)): do inputs that m1's layer i cannot tell
 apart also look alike to m2's layer j? Linear CKA from :mod:`layerlab.similarity`, computed ONCE over all N
 images (the reference code's default kept only the last batch: a known bug). Default estimator: biased full-N
-CKA (Kornblith et al. 2019), as in the STIR reference code; ``estimator="unbiased"`` uses HSIC_1.
+CKA (Kornblith et al. 2019), as in the STIR reference code; ``estimator="unbiased"`` uses HSIC_1. ``input_range``
+says which inputs the evaluated model takes, as for :func:`invert`.
 
 The grid (:func:`invariance_grid`). X'_i depends only on (m1, i, X, seed, steps, step size), so it is inverted
 once per (model, layer) and reused for every evaluated model and layer: 2L inversions (3L with a scratch model)
@@ -46,7 +47,6 @@ there), and invariances of deep pretrained layers move towards shallower finetun
 """
 from __future__ import annotations
 
-import difflib
 import hashlib
 import math
 import time
@@ -63,8 +63,8 @@ from torch import nn
 from .data import ImageData, load_data, subset_rows
 from .demo import DemoContext, step
 from .errors import DataError, LayerlabError, NonFiniteError, ShapeError, check_images
-from .features import forward_until, iter_features
-from .layers import display_label, list_layers as learnable_layers
+from .features import forward_until, iter_features, layer_labels, select_layers
+from .layers import list_layers as learnable_layers
 from .models import load_model
 from .runtime import eval_mode, resolve_device
 from .seeds import generator
@@ -211,27 +211,13 @@ def _range_config(lo: Bound, hi: Bound) -> list[Any] | None:
 
 
 def _layer_names(model: nn.Module, requested: Sequence[str] | str | None) -> list[str]:
-    """Module paths for the requested layers: learnable-layer names or labels, or any module path."""
+    """Module paths for the requested layers (:func:`layerlab.features.select_layers`: module paths, labels,
+    ``blocks``, ``layers``, ``kind:Conv2d``), in depth order as given; each layer at most once."""
     if requested is None:
         return default_layers(model)
     if isinstance(requested, str):
         requested = [requested]
-    infos = learnable_layers(model)
-    by_label = {i.label: i.name for i in infos}
-    modules = {n for n, _ in model.named_modules() if n}
-    out: list[str] = []
-    for r in requested:
-        if not isinstance(r, str):
-            raise LayerlabError(f"layers: expected module names such as 'layer1' or 'layer2.0.conv1', got {r!r}")
-        name = r if r in modules else by_label.get(r)
-        if name is None:
-            close = difflib.get_close_matches(r, sorted(modules | set(by_label)), n=3, cutoff=0.5)
-            hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
-            raise LayerlabError(
-                f"unknown layer {r!r} in {type(model).__name__}{hint}; pass a module path (e.g. a residual stage "
-                "'layer2' or a conv 'layer2.0.conv1'); list learnable layers with `layerlab layers SPEC`"
-            )
-        out.append(name)
+    out = [name for r in requested for name in select_layers(model, [r])]
     if not out:
         raise LayerlabError("layers: the list is empty; pass at least one layer name or None for the default")
     if len(set(out)) != len(out):
@@ -482,14 +468,19 @@ def stir(
     estimator: str = "biased",
     batch_size: int = 256,
     device: str | torch.device | None = None,
+    input_range: Any = DEFAULT_RANGE,
 ) -> float:
     """STIR(m2_j | m1_i) = linear CKA(m2_j(X), m2_j(X_inv)) over ALL images (X_inv: m1_i's inversions of X).
 
     ``estimator``: ``biased`` (full-N, Kornblith et al. 2019; the STIR reference) or ``unbiased`` (HSIC_1).
     Invariant to orthogonal transforms and isotropic scaling of m2_j's features; 1 when X_inv = X.
+    ``input_range``: (lo, hi) of the inputs ``m2`` takes, numbers or per-channel (:func:`invert`); X and X_inv
+    must lie in it (default [0, 1], normalisation inside the model).
     """
-    _check_input_images(X, "X")
-    _check_input_images(X_inv, "X_inv")
+    check_images(X, name="X")
+    lo, hi = _check_range(input_range, int(X.shape[1]))
+    _check_input_images(X, "X", lo, hi)
+    _check_input_images(X_inv, "X_inv", lo, hi)
     if X.shape != X_inv.shape:
         raise ShapeError(
             f"X and X_inv must hold the same images and their inversions, got shapes {tuple(X.shape)} and "
@@ -604,7 +595,8 @@ class InversionCache:
 
 def _as_images(data: DataLike, images: int | str | None, seed: int, split: str,
                input_range: tuple[Bound, Bound] = DEFAULT_RANGE) -> tuple[torch.Tensor, list[int], str]:
-    """(float images [N, C, H, W] in [0, 1], source indices, description) of a fixed seeded subset.
+    """(float images [N, C, H, W], source indices, description) of a fixed seeded subset: spec data in [0, 1], an
+    image tensor as given (checked against ``input_range``).
 
     ``images="auto"``: DEFAULT_IMAGES, or every image when the data holds fewer; an explicit number larger
     than the data is an error (never silently fewer)."""
@@ -614,7 +606,7 @@ def _as_images(data: DataLike, images: int | str | None, seed: int, split: str,
         except DataError:
             return _as_images(data, None, seed, split, input_range)
     if isinstance(data, str):
-        d = load_data(data, split, n=images, seed=seed)
+        d = load_data(data, split, images=images, seed=seed)
         return d.float(), d.indices.tolist(), f"{data} [{split}]"
     if isinstance(data, ImageData):
         d = data.sample(images, seed)  # the same seeded choice load_data makes; too many is an error
@@ -628,9 +620,11 @@ def _as_images(data: DataLike, images: int | str | None, seed: int, split: str,
     )
 
 
-def grid_images(data: DataLike, images: int | str | None = "auto", seed: int = 0, split: str = "test") -> torch.Tensor:
-    """The images :func:`invariance_grid` uses for these arguments: float [N, C, H, W] in [0, 1] (for figures)."""
-    return _as_images(data, images, seed, split)[0]
+def grid_images(data: DataLike, images: int | str | None = "auto", seed: int = 0, split: str = "test",
+                input_range: Any = DEFAULT_RANGE) -> torch.Tensor:
+    """The images :func:`invariance_grid` uses for these arguments: float [N, C, H, W] (for figures); an image
+    tensor must lie in ``input_range``, as there."""
+    return _as_images(data, images, seed, split, _check_range(input_range))[0]
 
 
 def as_model_spec(path_or_spec: str | Path) -> str:
@@ -655,9 +649,9 @@ def _models(pretrained: ModelLike, finetuned: ModelLike, scratch: ModelLike | No
     return named
 
 
-def _row_base(ref: str, i: int, li: str, ev: str, j: int, lj: str) -> dict[str, Any]:
-    return {"reference": ref, "ref_layer": li, "ref_label": display_label(li), "ref_index": i,
-            "evaluated": ev, "eval_layer": lj, "eval_label": display_label(lj), "eval_index": j,
+def _row_base(ref: str, i: int, li: str, ev: str, j: int, lj: str, labels: dict[str, str]) -> dict[str, Any]:
+    return {"reference": ref, "ref_layer": li, "ref_label": labels[li], "ref_index": i,
+            "evaluated": ev, "eval_layer": lj, "eval_label": labels[lj], "eval_index": j,
             "pair": f"{ev}|{ref}"}
 
 
@@ -724,6 +718,7 @@ def invariance_grid(
     estimator = _check_estimator(estimator)
     models = _models(pretrained, finetuned, scratch, device)
     names = _layer_names(models["pretrained"], layers)
+    labels = layer_labels(models["pretrained"], names)  # the structure's labels (ResNet: [3.1] conv2, layer3)
     for role, m in models.items():
         _layer_names(m, names)  # every model must have the layers
     devices = {role: _device(m, device) for role, m in models.items()}
@@ -783,7 +778,7 @@ def invariance_grid(
                 for ev, m2 in models.items():
                     grams_inv = _layer_grams(m2, names, x_inv, batch_size, devices[ev])
                     for j, lj in enumerate(names):
-                        base = _row_base(role, i, layer, ev, j, lj)
+                        base = _row_base(role, i, layer, ev, j, lj, labels)
                         values = {
                             "stir": _cka(grams_x[ev][lj], grams_inv[lj], estimator),
                             "noise": _cka(grams_x[ev][lj], grams_0[ev][lj], estimator),
@@ -793,7 +788,7 @@ def invariance_grid(
                 grid_part = pd.DataFrame(rows)
                 lossv = loss.double()
                 inv_part = pd.DataFrame([{
-                    "model": role, "layer": layer, "label": display_label(layer), "index": i,
+                    "model": role, "layer": layer, "label": labels[layer], "index": i,
                     "loss_mean": float(lossv.mean()), "loss_median": float(lossv.median()),
                     "loss_p90": float(torch.quantile(lossv, 0.9)), "loss_max": float(lossv.max()),
                     "initial_loss_mean": float(init.double().mean()), **{k: v for k, v in common.items() if k != "estimator"},

@@ -7,8 +7,8 @@ Spec forms::
     torchvision:NAME[:WEIGHTS]   torchvision architecture, weights from the local torch hub cache only
     file:PATH                    a layerlab checkpoint (read with ``torch.load(weights_only=True)``), or a whole
                                  module saved with ``torch.save(model)``: unpickling runs code from the file, so
-                                 that needs ``load_model(spec, trust_pickle=True)`` (or ``LAYERLAB_TRUST_PICKLE=1``
-                                 in the environment, e.g. for the CLI)
+                                 that needs ``load_model(spec, trust_pickle=True)`` (the CLI:
+                                 ``layerlab --trust-pickle COMMAND``, or ``LAYERLAB_TRUST_PICKLE=1`` in the environment)
 
 Every model loaded from a spec carries ``model.layerlab_arch`` (an architecture spec without weights) so that a
 fresh, untrained instance of the same architecture can be built (:func:`fresh_model`), which the layer
@@ -531,8 +531,8 @@ def _load_file(p: Path, trust_pickle: bool) -> Any:
             raise LayerlabError(
                 f"{str(p)!r} holds pickled Python objects ({found.group(1)}: e.g. a whole module saved with "
                 "torch.save(model)); unpickling runs code from the file, so layerlab loads it only when asked: "
-                "load_model('file:PATH', trust_pickle=True), or LAYERLAB_TRUST_PICKLE=1 in the environment (CLI), for "
-                "a file you trust; or save the model as a layerlab checkpoint (layerlab.save_checkpoint)"
+                "load_model('file:PATH', trust_pickle=True), or `layerlab --trust-pickle COMMAND ...` on the command "
+                "line (LAYERLAB_TRUST_PICKLE=1 in the environment does the same), for a file you trust; or save the model as a layerlab checkpoint (layerlab.save_checkpoint)"
             ) from None
     except Exception as e:  # a torn or foreign file
         raise LayerlabError(f"cannot read checkpoint {str(p)!r} ({type(e).__name__}: {_first_line(e)}); "

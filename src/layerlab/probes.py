@@ -30,13 +30,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import LayerlabError, ShapeError, check_finite
+from .errors import LayerlabError, ShapeError, check_finite, warn
 from .registry import Registry
 
 __all__ = ["DEFAULT_MAX_ITER", "DEFAULT_TOL", "LinearProbe", "PROBE_METHODS", "ProbeConvergenceWarning", "ProbeFit",
@@ -248,22 +247,23 @@ def fit_probe(
     params = ProbeParams(mean, scale, fit.weight, fit.bias, method, float(l2), fit.iterations, bool(fit.converged),
                          max_iter, float(tol), fit.grad_max)
     if warn:
-        warn_unconverged([params], stacklevel=3)
+        warn_unconverged([params])
     return params
 
 
-def warn_unconverged(fits: Sequence[ProbeParams], what: str = "linear probe", stacklevel: int = 2) -> int:
-    """One :class:`ProbeConvergenceWarning` line for every unconverged fit among ``fits``; returns their number."""
+def warn_unconverged(fits: Sequence[ProbeParams], what: str = "linear probe", stacklevel: int | None = None) -> int:
+    """One :class:`ProbeConvergenceWarning` line for every unconverged fit among ``fits``; returns their number.
+    The warning points at the caller's own line (``stacklevel`` is accepted and ignored: :func:`errors.warn`)."""
     bad = [p for p in fits if not p.converged]
     if bad:
         capped = sum(p.hit_cap for p in bad)
         worst = max(bad, key=lambda p: p.grad_max)
         caps = sorted({p.max_iter for p in bad})
-        warnings.warn(
+        warn(
             f"{what}: {len(bad)} of {len(fits)} L-BFGS fit(s) did not converge ({capped} stopped at the iteration cap "
             f"max_iter={'/'.join(map(str, caps))}; worst max |gradient| {worst.grad_max:.1e} > tol {worst.tol:g}); "
             "their accuracies are biased low: raise the iteration cap (probe_iter / max_iter)",
-            ProbeConvergenceWarning, stacklevel=stacklevel,
+            ProbeConvergenceWarning,
         )
     return len(bad)
 

@@ -3,23 +3,28 @@ its residual/transformer blocks, and the chain of stages its forward pass is mad
 
 * Layers: every ``Conv2d`` and ``Linear`` (stems, patch embeddings, depthwise and pointwise convs, attention qkv and
   projections, MLP fc1/fc2, downsample convs, heads) and the input projection of ``nn.MultiheadAttention``
-  (torchvision's ViT keeps qkv there, not in a Linear). Normalisation layers are never listed (criticality does
-  not randomise them: Gavrikov et al. 2024).
+  (torchvision's ViT keeps qkv there, not in a Linear). Normalisation layers are listed only on request
+  (``norm=True``, :func:`is_norm`): Gavrikov et al. 2024 re-randomise Conv2d/Linear only, and so does criticality
+  by default.
 * Blocks: timm models name them in their own ``group_matcher()`` (``blocks.3``, ``stages.1.blocks.2``,
   ``layer3.1``, ``s2.b1``); every other model is walked: a block is a composite module (two or more learnable
   layers, not itself a layer) that is an item of an ``nn.Sequential``/``nn.ModuleList``, innermost such, in a
   container that is a list of blocks (not a plain sequence of layers with, say, a squeeze-excite module among them:
   that SE module stays part of its block). Layers outside every block (stem, downsample between stages, head)
-  are units of their own.
+  are units of their own. Normalisation layers never count towards a block.
 * Labels: a block is labelled by the integers of its path (``layer3.1`` -> ``[3.1]``, ``stages.1.blocks.2`` ->
   ``[1.2]``, ``encoder.layers.encoder_layer_3`` -> ``[3]``), a layer inside a block by the block's label and its
-  path within the block (``[3.1] conv2``, ``[4] attn.qkv``), any other layer by its path (a ``Normalized``
-  wrapper's ``net.`` left out).
+  path within the block (``[3.1] conv2``, ``[4] attn.qkv``, ``[3.1] bn1``), any other layer by its path (a
+  ``Normalized`` wrapper's ``net.`` left out).
 * Stage chains (:func:`stage_chain`): plain ``nn.Sequential`` (recursively), timm/torchvision ResNets, timm ViT/DeiT
   (patch embedding, each transformer block, head), timm ConvNeXt (stem, each stage's downsample and blocks, head),
-  timm EfficientNet/MobileNetV3 (stem, each block, head), torchvision ``features``/``avgpool``/``classifier``
-  models (EfficientNet, MobileNetV3, ConvNeXt, VGG) and the ``Normalized`` wrapper around any of them. A chain
-  is only a proposal: :class:`layerlab.criticality.Pipeline` checks it against the real forward before use.
+  timm EfficientNet/MobileNetV3 (stem, each block, head), timm Swin (patch embedding, each stage's patch merging
+  and blocks, norm, head), timm RegNet (stem, each block of each stage, final conv, head), torchvision
+  ``features``/``avgpool``/``classifier`` models (EfficientNet, MobileNetV3, ConvNeXt, VGG), torchvision
+  MobileNetV2 and DenseNet (each item of ``features``, each layer of a dense block, then pool and classifier),
+  torchvision ViT (patch embedding + class token + position embedding, each encoder layer, ln, class token + heads)
+  and the ``Normalized`` wrapper around any of them. A chain is only a proposal:
+  :class:`layerlab.criticality.Pipeline` checks it against the real forward before use.
 """
 from __future__ import annotations
 
@@ -28,13 +33,29 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 
-from .layers import LayerInfo
+from .errors import LayerlabError
 
 #: modules whose own parameters are one learnable layer
 LAYER_TYPES = (nn.Conv2d, nn.Linear, nn.MultiheadAttention)
+#: normalisation layers (BatchNorm*, InstanceNorm*, SyncBatchNorm, LayerNorm, GroupNorm, RMSNorm and their
+#: subclasses, e.g. timm's LayerNorm2d, BatchNormAct2d, GroupNorm1); timm's own ``timm.layers.norm`` classes too
+NORM_TYPES = (_NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 CONTAINERS = (nn.Sequential, nn.ModuleList)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One learnable layer: its module path, a short display label, its type and its parameter count."""
+
+    index: int
+    name: str
+    label: str
+    kind: str
+    params: int
 
 
 def is_layer(m: nn.Module) -> bool:
@@ -42,6 +63,14 @@ def is_layer(m: nn.Module) -> bool:
     if isinstance(m, nn.MultiheadAttention):
         return any(p is not None for p in m.parameters(recurse=False))
     return isinstance(m, LAYER_TYPES)
+
+
+def is_norm(m: nn.Module) -> bool:
+    """A normalisation layer with affine parameters of its own (weight and/or bias; running statistics are
+    buffers, not parameters): an instance of :data:`NORM_TYPES` or of a class of timm's ``timm.layers.norm``."""
+    if not (isinstance(m, NORM_TYPES) or type(m).__module__ == "timm.layers.norm"):
+        return False
+    return any(p is not None for p in m.parameters(recurse=False))
 
 
 def layer_params(model: nn.Module, name: str) -> tuple[str, ...]:
@@ -148,28 +177,32 @@ def block_label(path: str) -> str:
 
 
 # ================================================================================================= layers
-def learnable_layers(model: nn.Module) -> list[LayerInfo]:
-    """Every learnable layer of ``model`` (module order), labelled from its block (see the module docstring)."""
+def learnable_layers(model: nn.Module, norm: bool = False) -> list[LayerInfo]:
+    """Every learnable layer of ``model`` (module order), labelled from its block (see the module docstring);
+    with ``norm`` the normalisation layers with affine parameters too (:func:`is_norm`)."""
     blocks = find_blocks(model)
     out = []
     for name, m in model.named_modules():
-        if not name or not is_layer(m):
+        if not name or not (is_layer(m) or (norm and is_norm(m))):
             continue
         owner = next((b for b in blocks if name.startswith(b + ".")), None)
         label = f"{block_label(owner)} {name[len(owner) + 1:]}" if owner else _inner(name)
         if isinstance(m, nn.MultiheadAttention):
             label += " (in_proj)"
+        if any(isinstance(p, nn.parameter.UninitializedParameter) for p in m.parameters(recurse=False)):
+            raise LayerlabError(f"layer {name!r} ({type(m).__name__}) is a lazy module whose weights do not exist "
+                                "yet; run one forward pass first (model(images[:1])) so they take their shapes")
         params = sum(p.numel() for p in m.parameters(recurse=False))
         out.append(LayerInfo(index=len(out), name=name, label=label, kind=type(m).__name__, params=params))
     return out
 
 
-def block_units(model: nn.Module) -> dict[str, list[str]]:
+def block_units(model: nn.Module, norm: bool = False) -> dict[str, list[str]]:
     """Zhang et al.'s units: each block with its learnable layers, and every layer outside blocks on its own,
-    in the order of their first layer."""
+    in the order of their first layer; with ``norm`` normalisation layers are members (or units) too."""
     blocks = find_blocks(model)
     groups: dict[str, list[str]] = {}
-    for info in learnable_layers(model):
+    for info in learnable_layers(model, norm):
         owner = next((b for b in blocks if info.name.startswith(b + ".")), None)
         groups.setdefault(owner or info.name, []).append(info.name)
     return groups
@@ -236,6 +269,11 @@ def _call(owner: nn.Module, path: str, fn: Callable[[Any, torch.Tensor], torch.T
     return Stage(path, "call", _Call(owner, fn), owned)
 
 
+def _top_names(m: nn.Module) -> tuple[str, ...]:
+    """The names of a module's children and own parameters: what a call stage over all of it owns."""
+    return tuple(n for n, _ in m.named_children()) + tuple(n for n, _ in m.named_parameters(recurse=False))
+
+
 def stage_chain(model: nn.Module) -> list[Stage]:
     """The model as a chain of stages whose composition is its forward pass, or the whole model as one stage
     (see the module docstring for the architectures understood; every chain is checked before use)."""
@@ -249,7 +287,7 @@ def _expand(m: nn.Module, path: str) -> list[Stage]:
         return [s for name, child in m.named_children() for s in _expand(child, _join(path, name))]
     if isinstance(m, Normalized):
         return [Stage(path, "normalize", m), *_expand(m.net, _join(path, "net"))]
-    for chain in (_resnet_chain, _timm_vit_chain, _timm_convnext_chain, _timm_efficientnet_chain, _tv_features_chain):
+    for chain in CHAINS:
         try:
             found = chain(m, path)
         except Exception:  # a variant the builder does not know: leave it whole
@@ -355,3 +393,122 @@ def _tv_features_chain(m: nn.Module, path: str) -> list[Stage] | None:
     if not any(isinstance(c, nn.Flatten) for c in classifier.modules()):
         out.append(Stage(_join(path, "flatten"), "flatten"))
     return out + _expand(classifier, _join(path, "classifier"))
+
+
+def _timm_swin_chain(m: nn.Module, path: str) -> list[Stage] | None:
+    """timm Swin Transformer (v1): patch embedding, per stage its patch merging and each block, norm, head."""
+    if not _timm_class(m, "swin_transformer", "SwinTransformer") or not _is_plain_sequential(m.layers):
+        return None
+    if set(_top_names(m)) != {"patch_embed", "layers", "norm", "head"}:  # e.g. an absolute position embedding
+        return None
+    out = _expand(m.patch_embed, _join(path, "patch_embed"))
+    for i, stage in enumerate(m.layers):
+        if not _timm_class(stage, "swin_transformer", "SwinTransformerStage") or not _is_plain_sequential(stage.blocks):
+            return None
+        sp = _join(path, f"layers.{i}")
+        out += _seq(stage.downsample, _join(sp, "downsample"))
+        out += [Stage(_join(sp, f"blocks.{j}"), "module", b) for j, b in enumerate(stage.blocks)]
+    return out + _seq(m.norm, _join(path, "norm")) + [_call(m, path, _head, ("head",))]
+
+
+def _timm_regnet_chain(m: nn.Module, path: str) -> list[Stage] | None:
+    """timm RegNet (X, Y, Z): stem, each block of stages s1..s4 (a RegStage runs its children in order),
+    final conv, head."""
+    if not _timm_class(m, "regnet", "RegNet"):
+        return None
+    stages = [f"s{i}" for i in range(1, 5)]
+    if set(_top_names(m)) != {"stem", *stages, "final_conv", "head"}:
+        return None
+    out = _expand(m.stem, _join(path, "stem"))
+    for name in stages:
+        stage = getattr(m, name)
+        if not _timm_class(stage, "regnet", "RegStage"):
+            return None
+        out += [Stage(_join(path, f"{name}.{b}"), "module", block) for b, block in stage.named_children()]
+    return out + _seq(m.final_conv, _join(path, "final_conv")) + [_call(m, path, _head, ("head",))]
+
+
+def _tv_class(m: nn.Module, module: str, name: str) -> bool:
+    """``m`` is an instance of torchvision's ``torchvision.models.<module>.<name>`` (or of a subclass)."""
+    return any(c.__module__ == f"torchvision.models.{module}" and c.__name__ == name for c in type(m).__mro__)
+
+
+def _tv_vit_prefix(m: Any, x: torch.Tensor) -> torch.Tensor:
+    """torchvision VisionTransformer.forward up to the encoder layers: patch embedding, class token, then the
+    encoder's position embedding and dropout (as ``Encoder.forward`` adds them)."""
+    x = m._process_input(x)
+    x = torch.cat([m.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+    return m.encoder.dropout(x + m.encoder.pos_embedding)
+
+
+def _tv_vit_suffix(m: Any, x: torch.Tensor) -> torch.Tensor:
+    return m.heads(x[:, 0])
+
+
+def _tv_vit_chain(m: nn.Module, path: str) -> list[Stage] | None:
+    """torchvision VisionTransformer: patch embedding + class token + position embedding, each encoder layer,
+    the encoder's final ln, then the class token through the heads."""
+    if not _tv_class(m, "vision_transformer", "VisionTransformer"):
+        return None
+    encoder = m.encoder
+    if set(_top_names(m)) != {"conv_proj", "class_token", "encoder", "heads"}:
+        return None
+    if set(_top_names(encoder)) != {"pos_embedding", "dropout", "layers", "ln"}:
+        return None
+    if not _is_plain_sequential(encoder.layers):
+        return None
+    layers = [Stage(_join(path, f"encoder.layers.{n}"), "module", b) for n, b in encoder.layers.named_children()]
+    first = _call(m, path, _tv_vit_prefix, ("conv_proj", "class_token", "encoder.pos_embedding", "encoder.dropout"))
+    ln = Stage(_join(path, "encoder.ln"), "module", encoder.ln)
+    return [first, *layers, ln, _call(m, path, _tv_vit_suffix, ("heads",))]
+
+
+def _pool_head(m: Any, x: torch.Tensor) -> torch.Tensor:
+    """torchvision MobileNetV2 after ``features``: global average pool, flatten, classifier."""
+    return m.classifier(torch.flatten(F.adaptive_avg_pool2d(x, (1, 1)), 1))
+
+
+def _relu_pool_head(m: Any, x: torch.Tensor) -> torch.Tensor:
+    """torchvision DenseNet after ``features``: ReLU, then :func:`_pool_head`. Not in place (the model's own
+    ``F.relu(inplace=True)``): the stage's input is a cached activation."""
+    return _pool_head(m, F.relu(x))
+
+
+#: torchvision models whose forward is ``features`` then a function of the model: (module, class) -> that function
+_TV_HEADS: dict[tuple[str, str], Callable[[Any, torch.Tensor], torch.Tensor]] = {
+    ("mobilenetv2", "MobileNetV2"): _pool_head,
+    ("densenet", "DenseNet"): _relu_pool_head,
+}
+
+
+def _tv_features_head_chain(m: nn.Module, path: str) -> list[Stage] | None:
+    """torchvision MobileNetV2 and DenseNet: each item of ``features`` (dense blocks layer by layer), then the
+    pool-and-classify part of their forward (:data:`_TV_HEADS`)."""
+    head = next((fn for (mod, name), fn in _TV_HEADS.items() if _tv_class(m, mod, name)), None)
+    if head is None or set(_top_names(m)) != {"features", "classifier"} or not _is_plain_sequential(m.features):
+        return None
+    return _expand(m.features, _join(path, "features")) + [_call(m, path, head, ("classifier",))]
+
+
+def _dense_step(layer: Any, x: torch.Tensor) -> torch.Tensor:
+    """One layer of a dense block on the concatenation of all earlier features: appends its new features."""
+    return torch.cat([x, layer(x)], 1)
+
+
+def _tv_dense_block_chain(m: nn.Module, path: str) -> list[Stage] | None:
+    """torchvision ``_DenseBlock``: one stage per ``_DenseLayer``. The block feeds layer k the concatenation of its
+    input and layers 1..k-1's outputs and returns the concatenation of all; carrying that concatenation from
+    stage to stage computes the same tensors."""
+    if not _tv_class(m, "densenet", "_DenseBlock"):
+        return None
+    layers = list(m.named_children())
+    if not layers or not all(_tv_class(layer, "densenet", "_DenseLayer") for _, layer in layers):
+        return None
+    return [_call(layer, _join(path, n), _dense_step, _top_names(layer)) for n, layer in layers]
+
+
+#: the chain builders :func:`stage_chain` tries, in order: each returns the stages of a model it knows, else None
+CHAINS: tuple[Callable[[nn.Module, str], list[Stage] | None], ...] = (
+    _resnet_chain, _timm_vit_chain, _timm_convnext_chain, _timm_efficientnet_chain, _timm_swin_chain,
+    _timm_regnet_chain, _tv_features_chain, _tv_features_head_chain, _tv_dense_block_chain, _tv_vit_chain,
+)

@@ -75,6 +75,8 @@ class JobKind:
     (label, config), where ``models`` maps the sweep's model names to specs. ``needs_run``: only models with a
     training run (zoo models) get a job. ``defaults`` are merged into every job's config (writing a default
     explicitly does not change the job key); ``options`` are the option names the kind accepts (``None``: any).
+    ``neutral`` holds options added after results were published, at the value that computes what was computed
+    before: a job whose option has that value leaves it out of its config (and key), so existing shards stay valid.
     """
 
     name: str
@@ -84,13 +86,15 @@ class JobKind:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     options: tuple[str, ...] | None = None
     expand: Expander | None = None
+    neutral: Mapping[str, Any] = field(default_factory=dict)
 
 
 JOB_KINDS: Registry[JobKind] = Registry("job kind")
 
 
 def job_kind(name: str, *, per_model: bool = True, needs_run: bool = False, defaults: Mapping[str, Any] | None = None,
-             options: Sequence[str] | None = None, expand: Expander | None = None) -> Callable[[JobFn], JobFn]:
+             options: Sequence[str] | None = None, expand: Expander | None = None,
+             neutral: Mapping[str, Any] | None = None) -> Callable[[JobFn], JobFn]:
     """Register ``fn(config, out) -> DataFrame`` as the sweep job kind ``name`` (see :class:`JobKind`).
 
     ``config`` holds the job's options with ``model`` (a loadable spec; zoo models become ``file:OUT/zoo/NAME/
@@ -109,7 +113,7 @@ def job_kind(name: str, *, per_model: bool = True, needs_run: bool = False, defa
 
     def deco(fn: JobFn) -> JobFn:
         JOB_KINDS.register(name)(JobKind(name, fn, per_model, needs_run, dict(defaults or {}),
-                                         tuple(options) if options is not None else None, expand))
+                                         tuple(options) if options is not None else None, expand, dict(neutral or {})))
         return fn
 
     return deco
@@ -153,7 +157,8 @@ def _register_criticality() -> None:
     for name, fn, needs_run in (("criticality", crit.criticality, False),
                                 ("module-criticality", crit.module_criticality, True)):
         job_kind(name, needs_run=needs_run, defaults={**_defaults_of(fn, _ANALYSIS_DROP), "version": crit.VERSION},
-                 options=_options_of(fn, _ANALYSIS_DROP) + ("version",))(partial(_analysis_job, fn))
+                 options=_options_of(fn, _ANALYSIS_DROP) + ("version",),
+                 neutral={"norm": False})(partial(_analysis_job, fn))
 
 
 @job_kind("training", options=("entry",))
@@ -287,7 +292,8 @@ def _register_dynamics() -> None:
 
     defaults = {f.name: list(f.default) if isinstance(f.default, tuple) else f.default
                 for f in dataclasses.fields(DynamicsConfig)}
-    job_kind("dynamics", needs_run=True, defaults=defaults, options=tuple(defaults))(_dynamics_job)
+    job_kind("dynamics", needs_run=True, defaults=defaults, options=tuple(defaults),
+             neutral={"tokens": "flatten"})(_dynamics_job)
 
 
 _register_criticality()
@@ -475,7 +481,8 @@ def expand(sweep: Sweep) -> list[Job]:
         seed = options.get("seed", sweep.seed)
         if kind.options is not None:
             _unknown(where, list(options), [o for o in kind.options if o not in _RUNTIME_FIELDS])
-        options = {**kind.defaults, **options}
+        options = {k: v for k, v in {**kind.defaults, **options}.items()
+                   if not (k in kind.neutral and v == kind.neutral[k])}
         if kind.per_model:
             if only is not None:
                 missing = [m for m in only if m not in sweep.models]

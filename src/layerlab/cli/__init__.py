@@ -7,6 +7,7 @@ that cannot be written) print one ``error:`` line, no traceback, and exit with s
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import NoReturn
 
@@ -47,9 +48,18 @@ def _root(
     version: bool = typer.Option(
         False, "--version", "-V", callback=_version, is_eager=True, help="Print the version and exit."
     ),
+    trust_pickle: bool = typer.Option(
+        False, "--trust-pickle",
+        help="Allow file: specs that hold a whole pickled module (torch.save(model)). Unpickling runs code from the "
+             "file: use it only for files you trust. Goes before the command: layerlab --trust-pickle criticality "
+             "file:model.pt ... (same as LAYERLAB_TRUST_PICKLE=1; local Ray workers inherit it).",
+    ),
 ) -> None:
     # No docstring: the app's help (above) stays the top-level help text.
-    pass
+    if trust_pickle:
+        from ..models import TRUST_PICKLE_ENV
+
+        os.environ[TRUST_PICKLE_ENV] = "1"  # read by load_model/checkpoint_state, in this process and its workers
 
 
 # One module per command family; each adds its commands to ``app``.

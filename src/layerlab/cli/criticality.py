@@ -85,6 +85,11 @@ def register(app: typer.Typer) -> None:
             "layers", "--units",
             help="layers, or blocks (reset every layer of a residual block together).",
         ),
+        norm: bool = typer.Option(
+            False, "--norm",
+            help="Also reset normalisation layers (BatchNorm/LayerNorm/GroupNorm affine weight and bias; running "
+            "statistics kept). An extension: the paper randomises Conv2d/Linear only.",
+        ),
         module: bool = typer.Option(
             False, "--module",
             help="Chatterji et al. module criticality instead (needs --run).",
@@ -121,6 +126,7 @@ def register(app: typer.Typer) -> None:
           layerlab criticality file:runs/base/final.pt --data digits --trials 3 --out out/crit
           layerlab criticality --run runs/base --mode randomize --mode reinit --out out/zhang
           layerlab criticality --run runs/base --module --images 256 --layers conv1,fc --out out/module
+          layerlab criticality file:runs/base/final.pt --norm --layers bn1,layer3.0.bn2 --out out/norms
         """
         check_out(out)
         if module:
@@ -151,8 +157,7 @@ def register(app: typer.Typer) -> None:
         if module:
             table = module_criticality(
                 named, images_data, run=run, layers=picked, units=units, seed=seed, eps_factor=eps_factor,
-                batch_size=batch_size,
-                device=device, store=out, progress=progress,
+                batch_size=batch_size, device=device, store=out, progress=progress, norm=norm,
             )
             paths = write_tables(table, out, prefix="module_criticality")
             cols = ["model", "label", "criticality", "alpha", "sigma", "distance", "expected_loss", "epsilon"]
@@ -162,7 +167,7 @@ def register(app: typer.Typer) -> None:
             table = criticality(
                 named, images_data, layers=picked, trials=trials, mode=_split_list(mode) or "randomize", run=run,
                 checkpoint=checkpoint or None, units=units, seed=seed, batch_size=batch_size, device=device,
-                naive=naive, store=out, progress=progress,
+                naive=naive, store=out, progress=progress, norm=norm,
             )
             paths = write_tables(table, out)
             summary = summarize(table)

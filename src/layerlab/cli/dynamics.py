@@ -8,6 +8,11 @@ import typer
 
 from ._common import check_out, print_frame, set_threads
 
+LAYERS_HELP = ("module paths, layer labels ('[3.1] conv2'), 'blocks' (every residual/transformer block), 'layers' "
+               "(every learnable layer) or 'kind:ClassName' (every module of that class); repeatable or comma-separated")
+TOKENS_HELP = ("How a token output [N, T, D] (a ViT block) becomes CKA features: flatten (all tokens), cls (the class "
+               "token, first in timm/torchvision ViTs) or mean (token average). Conv maps are unaffected.")
+
 
 def _split_list(items: list[str]) -> list[str]:
     """['a,b', 'c'] -> ['a', 'b', 'c'] (repeatable and comma-separated both work)."""
@@ -20,7 +25,8 @@ def register(app: typer.Typer) -> None:
         run: Path = typer.Argument(..., help="A training run folder (run.json + checkpoints/), e.g. from `layerlab train`."),
         out: Path = typer.Option(..., "--out", "-o", help="Output folder: shards/dynamics-*/ and figures/dynamics/<run>/. Re-running resumes."),
         data: Optional[str] = typer.Option(None, "--data", "-d", help="Data spec of the probe images (default: the run's own)."),
-        layers: list[str] = typer.Option([], "--layers", "-l", help="Module names (repeatable or comma-separated); default: stem and residual blocks; 'output' (the logits) is always added."),
+        layers: list[str] = typer.Option([], "--layers", "-l", help=f"Layers: {LAYERS_HELP}. Default: the stem and every block; 'output' (the logits) is always added."),
+        tokens: str = typer.Option("flatten", "--tokens", help=TOKENS_HELP + " Probes use the class token with cls, else the token mean."),
         epochs: list[str] = typer.Option([], "--epochs", help="Only these checkpoints (comma-separated epochs)."),
         max_checkpoints: Optional[int] = typer.Option(None, "--max-checkpoints", help="Keep at most this many checkpoints, log-spaced."),
         images: int = typer.Option(256, "--images", "-n", help="CKA probe images (test split, at most its size), trimmed to whole batches."),
@@ -51,12 +57,12 @@ def register(app: typer.Typer) -> None:
         tables = dynamics(run, data, store=Store(out), device=device, progress=True, layers=_split_list(layers) or None,
                           epochs=[int(e) for e in _split_list(epochs)] or None, max_checkpoints=max_checkpoints,
                           images=images, batch_size=batch_size, triplets=triplets, resolution=resolution,
-                          probe_train=probe_train, probe_pool=probe_pool, probe_iter=probe_iter, seed=seed)
+                          probe_train=probe_train, probe_pool=probe_pool, probe_iter=probe_iter, seed=seed, tokens=tokens)
         fig_dir = out / "figures" / "dynamics" / run.name
         paths = save_dynamics(tables, fig_dir)
         if regions:
             r = decision_regions(run, data, epochs=[int(e) for e in _split_list(regions)], layers=_split_list(layers) or None,
-                                 resolution=100, probe_train=probe_train, probe_pool=probe_pool, probe_iter=probe_iter,
+                                 tokens=tokens, resolution=100, probe_train=probe_train, probe_pool=probe_pool, probe_iter=probe_iter,
                                  seed=seed, device=device)
             paths += save_figure(plot_regions(r["regions"], r["anchors"]), fig_dir, "dynamics_regions")
         cka = tables["cka"]
@@ -78,8 +84,9 @@ def register(app: typer.Typer) -> None:
         spec_b: str = typer.Argument(..., help="Model B spec."),
         out: Path = typer.Option(..., "--out", "-o", help="Output folder: shards/compare/ and figures/compare/."),
         data: str = typer.Option("digits", "--data", "-d", help="Data spec of the probe images."),
-        layers_a: list[str] = typer.Option([], "--layers-a", help="Model A modules (default: stem, residual blocks, output)."),
-        layers_b: list[str] = typer.Option([], "--layers-b", help="Model B modules (default likewise)."),
+        layers_a: list[str] = typer.Option([], "--layers-a", help=f"Model A layers: {LAYERS_HELP}. Default: the stem and every block; 'output' is always added."),
+        layers_b: list[str] = typer.Option([], "--layers-b", help="Model B layers (the same forms and default)."),
+        tokens: str = typer.Option("flatten", "--tokens", help=TOKENS_HELP),
         images: int = typer.Option(256, "--images", "-n", help="Probe images (test split, at most its size), trimmed to whole batches."),
         batch_size: int = typer.Option(64, "--batch-size", help="Minibatch size of the unbiased CKA estimator."),
         estimator: str = typer.Option("unbiased", help="unbiased (minibatch HSIC_1) or biased (HSIC_0 per batch)."),
@@ -94,17 +101,20 @@ def register(app: typer.Typer) -> None:
         check_out(out)
 
         from ..dynamics import compare
+        from ..features import check_tokens
         from ..plots.dynamics import layer_heatmap, save_figure
         from ..store import Store, job_key
 
         set_threads(threads)
         config = {"data": data, "layers_a": _split_list(layers_a), "layers_b": _split_list(layers_b), "images": images,
                   "batch_size": batch_size, "estimator": estimator, "seed": seed}
+        if check_tokens(tokens) != "flatten":  # only a non-default choice enters the key: earlier results stay valid
+            config["tokens"] = tokens
         store = Store(out)
         key = job_key(f"{spec_a} | {spec_b}", "compare", config)
         if not store.has("compare", key):
             frame = compare(spec_a, spec_b, data, layers_a=config["layers_a"] or None, layers_b=config["layers_b"] or None,
-                            images=images, batch_size=batch_size, estimator=estimator, seed=seed, device=device)
+                            tokens=tokens, images=images, batch_size=batch_size, estimator=estimator, seed=seed, device=device)
             store.write("compare", key, frame, {"model": f"{spec_a} | {spec_b}", "config": config})
         frame = store.read_shard("compare", key)
         paths = save_figure(layer_heatmap(frame), out / "figures" / "compare", f"compare_{key}")

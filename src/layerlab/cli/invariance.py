@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
         scratch: Optional[str] = typer.Option(None, "--scratch", help="Control trained from scratch on the downstream task (gives transfer)."),
         data: str = typer.Option(..., "--data", "-d", help="Images to invert, e.g. the downstream data 'digits?classes=5-9'."),
         out: Path = typer.Option(..., "--out", "-o", help="Output folder: shards/, cache/inversions/, figures/invariance/. Re-running resumes."),
-        layers: list[str] = typer.Option([], "--layers", "-l", help="Layers in depth order, module paths or labels (repeatable or comma-separated); default 6 evenly spaced conv/linear layers."),
+        layers: list[str] = typer.Option([], "--layers", "-l", help="Layers in depth order: module paths, labels ('[3.1] conv2'), 'blocks', 'layers' or 'kind:ClassName' (repeatable or comma-separated); default 6 evenly spaced conv/linear layers."),
         images: Optional[int] = typer.Option(
             None, "--images", "-n",
             help="Number of images (a fixed seeded subset of --split); default 128, or all when the split holds fewer.",

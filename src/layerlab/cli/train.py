@@ -144,10 +144,17 @@ def register(app: typer.Typer) -> None:
         console.print(t)
 
     @app.command("layers")
-    def layers_cmd(spec: str = typer.Argument(..., help="Model spec, e.g. timm:resnet18 or file:run/final.pt.")) -> None:
-        """List a model's learnable Conv2d/Linear layers: the names and labels every analysis uses."""
+    def layers_cmd(
+        spec: str = typer.Argument(..., help="Model spec, e.g. timm:resnet18 or file:run/final.pt."),
+        norm: bool = typer.Option(False, "--norm", help="Also list normalisation layers (criticality --norm units)."),
+    ) -> None:
+        """List a model's learnable layers (Conv2d, Linear, attention in_proj): the names and labels every analysis
+        uses in --layers. With --norm also its normalisation layers (the paper never re-randomises them).
+
+        Example: layerlab layers 'timm:vit_tiny_patch16_224?img_size=32&patch_size=4&num_classes=10'
+        """
         import pandas as pd
 
         from .. import list_layers, load_model
 
-        print_frame(pd.DataFrame([vars(i) for i in list_layers(load_model(spec))]), spec)
+        print_frame(pd.DataFrame([vars(i) for i in list_layers(load_model(spec), norm=norm)]), spec)

@@ -162,7 +162,7 @@ def train(arch: str, data: str, recipe: Recipe, out: str | Path, *, seed: int = 
             raise LayerlabError(f"{out} holds a different run (its run.json differs); choose another --out or delete it")
         if runs.is_done(out):
             return out
-    train_set = load_data(data, "train", n=train_n, seed=seed, arg="--train-n")
+    train_set = load_data(data, "train", images=train_n, seed=seed, arg="--train-n")
     test_set = load_data(data, "test")
     _check_same_classes(train_set, test_set)
     ckpt_epochs = checkpoint_epochs(checkpoints, recipe.epochs)
@@ -211,7 +211,7 @@ def train(arch: str, data: str, recipe: Recipe, out: str | Path, *, seed: int = 
 
     resume = out / "last.pt"
     if resume.exists():
-        state = torch.load(resume, map_location=device, weights_only=False)
+        state = torch.load(resume, map_location=device, weights_only=True)  # tensors, numbers, lists, dicts only
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
