@@ -41,7 +41,9 @@ def main() -> None:
     print(wide.pivot(index=["optimizer", "budget"], columns="method", values="cell").to_string())
     print("\nbudget at which TrAct matches vanilla's best:")
     print(tract_study.matching_budget(summary).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    tract_study.plot_curves(curves, __import__("pathlib").Path(a.out) / "curves")
+    from layerlab.plots.tract import plot_curves
+
+    plot_curves(curves, __import__("pathlib").Path(a.out) / "curves")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from torch import nn
 
 import layerlab.criticality as crit
 from layerlab import load_data
+from layerlab.criticality.engine import _Traces
 from layerlab.errors import DataError, LayerlabError, ShapeError
 from layerlab.models import fresh_model, fresh_source, load_model, save_checkpoint
 from layerlab.runtime import eval_mode
@@ -293,14 +294,14 @@ def test_a_streamed_data_loader_is_read_chunk_by_chunk(net, data, monkeypatch):
     x, y = data.float(), data.labels
     held = _crit(net, DataLoader(_Items(x, y), batch_size=4))
     sizes: list[int] = []
-    original = crit._Traces.chunks
+    original = _Traces.chunks
 
     def spy(self):
         for chunk, last in original(self):
             sizes.append(len(chunk))
             yield chunk, last
 
-    monkeypatch.setattr(crit._Traces, "chunks", spy)
+    monkeypatch.setattr(_Traces, "chunks", spy)
     items = _Items(x, y)
     streamed = _crit(net, DataLoader(items, batch_size=4), cache_mb=0)
     assert max(sizes) == 1 and len(sizes) == 6  # one batch per chunk, 6 batches, one pass over all units

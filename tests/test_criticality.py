@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 import layerlab.criticality as crit
 from layerlab import fresh_model, list_layers, load_data, load_model, save_checkpoint
+from layerlab.criticality import driver, engine, metrics, references
 from layerlab.errors import LayerlabError, NonFiniteError
 from layerlab.seeds import derive_seed, generator
 from layerlab.store import Store
@@ -35,7 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def data():
-    return load_data(DATA, "test", n=40, seed=0)
+    return load_data(DATA, "test", images=40, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -169,14 +170,14 @@ def test_randomising_the_head_of_a_trained_model_is_critical(trained, data):
 
 def test_only_conv_and_linear_weights_are_swapped(trained, data, monkeypatch):
     swapped: list[str] = []
-    original = crit._overrides
+    original = driver._overrides
 
     def spy(model, unit, source, what):
         out = original(model, unit, source, what)
         swapped.extend(out)
         return out
 
-    monkeypatch.setattr(crit, "_overrides", spy)
+    monkeypatch.setattr(driver, "_overrides", spy)
     table = crit.criticality(trained, data, trials=1)
     modules = dict(trained.named_modules())
     assert set(table["layer"]) == {i.name for i in list_layers(trained)}
@@ -237,7 +238,7 @@ def test_model_is_restored_after_a_run_that_raises(trained, data, monkeypatch):
     x = data.float()[:8]
     snap = _snapshot(model, x)
     calls = {"n": 0}
-    original = crit._stats_update
+    original = engine._stats_update
 
     def failing(*args):
         calls["n"] += 1
@@ -245,7 +246,7 @@ def test_model_is_restored_after_a_run_that_raises(trained, data, monkeypatch):
             raise RuntimeError("boom midway")
         return original(*args)
 
-    monkeypatch.setattr(crit, "_stats_update", failing)
+    monkeypatch.setattr(engine, "_stats_update", failing)
     with pytest.raises(RuntimeError, match="boom midway"):
         crit.criticality(model, data, trials=2, batch_size=16)
     assert calls["n"] == 3
@@ -319,10 +320,10 @@ def _odd_run(odd: nn.Module, data, naive: bool) -> pd.DataFrame:
     pipe = crit.Pipeline(odd, torch.device("cpu"), amp=False, channels_last=False)
     units = crit.units_of(odd)
     refs = [crit.Reference("randomize", 0, seed=0)]
-    tasks = [crit._Task(u, refs, [crit._overrides(odd, u, dict(other.named_parameters()), "other")]) for u in units]
+    tasks = [engine._Task(u, refs, [references._overrides(odd, u, dict(other.named_parameters()), "other")]) for u in units]
     rows = []
-    crit._evaluate("odd", pipe, data, tasks, batch_size=16, naive=naive, max_bytes=2**30,
-                   on_done=lambda t, base: rows.append({"layer": t.unit.name, **crit._stats_compute(t.stats[0])}),
+    engine._evaluate("odd", pipe, data, tasks, batch_size=16, naive=naive, max_bytes=2**30,
+                   on_done=lambda t, base: rows.append({"layer": t.unit.name, **metrics._stats_compute(t.stats[0])}),
                    advance=lambda n: None)
     return pd.DataFrame(rows)
 
@@ -335,7 +336,7 @@ def test_chunked_cache_gives_the_same_numbers(trained, data):
 
 # ------------------------------------------------------------------------------------ Zhang et al. resets
 def test_checkpoint_resets_of_blocks_and_layers_match_a_hand_computation(mlp_run):
-    data = load_data("digits?size=8", "test", n=120, seed=0)
+    data = load_data("digits?size=8", "test", images=120, seed=0)
     final = _state(mlp_run / "final.pt")
     model = load_model("file:" + str(mlp_run / "final.pt"), trust_pickle=True)
     table = crit.criticality(model, data, mode=["reinit", "checkpoint"], run=mlp_run, checkpoint=[1, 2],
@@ -372,7 +373,7 @@ def test_module_criticality_matches_an_independent_grid(mlp_run):
     """Chatterji et al.'s mu at the paper's epsilon = 1.01 x loss: the bisection's answer against a fine log grid
     of sigma evaluated with a hand-written forward pass (no layerlab code on the reference side but the
     documented noise stream)."""
-    data = load_data("digits?size=8", "test", n=60, seed=0)
+    data = load_data("digits?size=8", "test", images=60, seed=0)
     model = load_model("file:" + str(mlp_run / "final.pt"), trust_pickle=True)
     table = crit.module_criticality(model, data, run=mlp_run, seed=5).set_index("layer")
     final = _state(mlp_run / "final.pt")
@@ -441,7 +442,7 @@ def test_module_criticality_of_unmoved_and_barely_moved_modules(mlp_run, tmp_pat
         return out
 
     run = _edited_run(mlp_run, tmp_path, edit)
-    data = load_data("digits?size=8", "train", n=80, seed=0)
+    data = load_data("digits?size=8", "train", images=80, seed=0)
     model = load_model("file:" + str(run / "final.pt"), trust_pickle=True)
     table = crit.module_criticality(model, data, run=run, layers=["layer1.0.conv2", "fc"]).set_index("layer")
     assert table.loc["layer1.0.conv2", "criticality"] == 0.0
@@ -522,13 +523,13 @@ def test_finished_jobs_are_never_recomputed(trained, data, tmp_path, monkeypatch
     first = crit.criticality({"a": trained}, data, trials=2, layers=["conv1", "fc"], store=store)
     assert len(store.paths(crit.ANALYSIS)) == 4  # one shard per (model, layer, trial)
     computed: list[tuple[str, int]] = []
-    original = crit._evaluate
+    original = driver._evaluate
 
     def spy(name, pipe, data_, tasks, **kw):
         computed.extend((t.unit.name, r.trial) for t in tasks for r in t.refs)
         return original(name, pipe, data_, tasks, **kw)
 
-    monkeypatch.setattr(crit, "_evaluate", spy)
+    monkeypatch.setattr(driver, "_evaluate", spy)
     again = crit.criticality({"a": trained}, data, trials=2, layers=["conv1", "fc"], store=store)
     assert computed == []
     pd.testing.assert_frame_equal(first, again, check_dtype=False)
@@ -591,7 +592,7 @@ def test_cli_writes_tables_figures_and_indices(tmp_path):
     assert summary.set_index("layer")["std"].to_dict() == pytest.approx(want.to_dict())
     assert summary["sem"].tolist() == pytest.approx((summary["std"] / math.sqrt(2)).tolist())
     images = pd.read_csv(out / "criticality_images.csv")
-    assert images["index"].tolist() == load_data(DATA, "test", n=16, seed=0).indices.tolist()
+    assert images["index"].tolist() == load_data(DATA, "test", images=16, seed=0).indices.tolist()
     for name in ("criticality_heatmap", "criticality_std"):
         assert (out / f"{name}.png").stat().st_size > 0 and (out / f"{name}.svg").exists()
     bad = CliRunner().invoke(_cli(), [*args[:-3], "--layers", "nope", "--no-progress"])
@@ -652,6 +653,8 @@ def test_figures_show_the_tables(tmp_path):
 
 
 def test_demo_step_over_a_small_zoo(tmp_path):
+    from layerlab.demos.criticality import demo_step
+
     zoo = tmp_path / "zoo"
     for k, name in enumerate(["baseline", "other"]):
         torch.manual_seed(k)
@@ -659,7 +662,7 @@ def test_demo_step_over_a_small_zoo(tmp_path):
         save_checkpoint(m, zoo / name / "final.pt")
     attrs = pd.DataFrame({"model": ["baseline", "other"], "recipe": ["baseline", "x"], "category": ["base", "x"],
                           "budget": [0.0, 1.0], "accuracy": [0.5, 0.6]})
-    paths = crit.demo_step(zoo, tmp_path / "out", attrs, images=24)
+    paths = demo_step(zoo, tmp_path / "out", attrs, images=24)
     names = {p.name for p in paths}
     assert {"criticality_summary.csv", "criticality_heatmap.png", "criticality_diff.png"} <= names
     summary = pd.read_csv(tmp_path / "out" / "criticality_summary.csv")
@@ -710,13 +713,13 @@ def test_a_block_with_its_norms_is_another_job(trained, data, tmp_path, monkeypa
     assert len(store.paths(crit.ANALYSIS)) == 2
     assert abs(plain["criticality"].iloc[0] - with_norms["criticality"].iloc[0]) > 1e-3
     computed: list[str] = []
-    original = crit._evaluate
+    original = driver._evaluate
 
     def spy(name, pipe, data_, tasks, **kw):
         computed.extend(t.unit.name for t in tasks)
         return original(name, pipe, data_, tasks, **kw)
 
-    monkeypatch.setattr(crit, "_evaluate", spy)
+    monkeypatch.setattr(driver, "_evaluate", spy)
     crit.criticality(trained, data, trials=1, units="blocks", layers=["layer1.0"], norm=True, store=store)
     crit.criticality(trained, data, trials=1, layers=["conv1"], store=store)
     crit.criticality(trained, data, trials=1, layers=["conv1", "bn1"], norm=True, store=store)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import layerlab.dynamics as dyn
+import layerlab.dynamics.series as series
 from layerlab import load_data, load_model, save_checkpoint
 from layerlab.errors import LayerlabError
 from layerlab.probes import ProbeConvergenceWarning
@@ -27,14 +28,19 @@ SMALL = dict(images=32, batch_size=8, triplets=3, resolution=6, probe_train=120)
 LAYER = "layer2.1"
 
 
+def _new_run(tmp_path_factory: pytest.TempPathFactory, name: str, arch: str) -> tuple[Path, torch.nn.Module]:
+    """An empty run folder (run.json, checkpoints/) and its model, initialised under manual_seed(0)."""
+    out = tmp_path_factory.mktemp("runs") / name
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "run.json").write_text(json.dumps({"arch": arch, "data": DATA, "seed": 0}))
+    torch.manual_seed(0)
+    return out, load_model(arch, num_classes=10)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run folder as `layerlab train` writes it: run.json, three checkpoints (epoch 0 = init), metrics.csv."""
-    out = tmp_path_factory.mktemp("runs") / "tiny"
-    (out / "checkpoints").mkdir(parents=True)
-    (out / "run.json").write_text(json.dumps({"arch": ARCH, "data": DATA, "seed": 0}))
-    torch.manual_seed(0)
-    model = load_model(ARCH, num_classes=10)
+    out, model = _new_run(tmp_path_factory, "tiny", ARCH)
     data = load_data(DATA, "train", images=120)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for epoch in range(3):
@@ -149,7 +155,7 @@ def test_second_call_computes_nothing(run: Path, tables, monkeypatch: pytest.Mon
     def boom(*args, **kwargs):
         raise AssertionError("recomputed a checkpoint although every shard exists")
 
-    monkeypatch.setattr(dyn, "_checkpoint_pass", boom)
+    monkeypatch.setattr(series, "_checkpoint_pass", boom)
     again = dyn.dynamics(run, store=store, layers=["conv1", LAYER, "fc"], **SMALL)
     for name in ("cka", "probes", "drs", "triplets"):
         pd.testing.assert_frame_equal(again[name], t[name])
@@ -163,13 +169,13 @@ def test_a_lost_shard_is_recomputed_alone(run: Path, tables, monkeypatch: pytest
     victim = next(p for p in cka_shards if set(pd.read_parquet(p)["layer"]) == {"conv1"})
     victim.unlink()
     seen: list[tuple] = []
-    real = dyn._checkpoint_pass
+    real = series._checkpoint_pass
 
     def spy(model, cfg, inputs, cka_views, probe_layers, drs_views, *rest):
         seen.append((tuple(cka_views), tuple(probe_layers), tuple(drs_views)))
         return real(model, cfg, inputs, cka_views, probe_layers, drs_views, *rest)
 
-    monkeypatch.setattr(dyn, "_checkpoint_pass", spy)
+    monkeypatch.setattr(series, "_checkpoint_pass", spy)
     again = dyn.dynamics(run, store=store, layers=["conv1", LAYER, "fc"], **SMALL)
     assert seen == [(("conv1",), (), ())] * 3
     pd.testing.assert_frame_equal(again["cka"], t["cka"])
@@ -467,11 +473,7 @@ def test_default_layers_of_a_model_without_blocks_are_its_layers_but_the_head() 
 @pytest.fixture(scope="module")
 def vit_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run of a tiny ViT: run.json and two checkpoints (the second with moved weights)."""
-    out = tmp_path_factory.mktemp("runs") / "vit"
-    (out / "checkpoints").mkdir(parents=True)
-    (out / "run.json").write_text(json.dumps({"arch": VIT, "data": DATA, "seed": 0}))
-    torch.manual_seed(0)
-    model = load_model(VIT, num_classes=10)
+    out, model = _new_run(tmp_path_factory, "vit", VIT)
     for epoch in range(2):
         save_checkpoint(model, checkpoint_path(out, epoch), epoch=epoch)
         with torch.no_grad():

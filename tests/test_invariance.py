@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import layerlab.invariance as inv
+import layerlab.invariance.inversion as inversion
 from layerlab.errors import LayerlabError, ShapeError
 from layerlab.invariance import InversionCache, initial_noise, invariance_grid, invert, matching_loss, stir, summarize
 from layerlab.seeds import generator
@@ -190,13 +191,13 @@ def test_identical_pretrained_and_finetuned_models_give_a_symmetric_grid(images)
 
 def test_each_inversion_is_computed_once_in_memory_on_disk_and_in_the_store(images, tmp_path, monkeypatch):
     calls: list[tuple[int, str]] = []
-    real = inv.invert
+    real = inversion.invert
 
     def counting(model, layer, *args, **kwargs):
         calls.append((id(model), layer))
         return real(model, layer, *args, **kwargs)
 
-    monkeypatch.setattr(inv, "invert", counting)
+    monkeypatch.setattr(inversion, "invert", counting)  # the cache calls it there
     pt = Tiny(0)
     ft, sc = _finetuned(pt, seed=5), Tiny(9)
     cache = InversionCache(tmp_path / "inversions")
@@ -225,7 +226,7 @@ def test_store_run_resumes_without_recomputing(images, tmp_path, monkeypatch):
     first = invariance_grid(pt, ft, data=images, layers=LAYERS, steps=3, store=store)
     assert len(store.paths("invariance")) == 2 * len(LAYERS)
     assert len(list((tmp_path / "out" / "cache" / "inversions").glob("*.pt"))) == 2 * len(LAYERS)
-    monkeypatch.setattr(inv, "invert", lambda *a, **k: pytest.fail("an inversion was recomputed"))
+    monkeypatch.setattr(inversion, "invert", lambda *a, **k: pytest.fail("an inversion was recomputed"))
     second = invariance_grid(pt, ft, data=images, layers=LAYERS, steps=3, store=store)
     pd.testing.assert_frame_equal(first["grid"], second["grid"])
     pd.testing.assert_frame_equal(first["summary"], second["summary"])

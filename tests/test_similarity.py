@@ -322,7 +322,7 @@ def test_gram_precision_follows_the_features_and_is_recorded():
 def test_gram_of_channels_last_maps_needs_no_copy_and_equals_the_nchw_gram(dtype):
     """The Gram does not depend on the order of the feature columns: a channels_last map is flattened as
     [n, H, W, C], a view of its memory, and gives the NCHW Gram up to rounding."""
-    from layerlab.similarity import _flat_rows
+    from layerlab.similarity.cka import _flat_rows
 
     x = torch.randn(16, 6, 5, 7, dtype=dtype) + 3.0
     cl = x.contiguous(memory_format=torch.channels_last)

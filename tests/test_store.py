@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from layerlab.errors import LayerlabError
-from layerlab.store import Store, atomic_write, job_key, run_jobs
+from layerlab.store import Store, atomic_write, job_key
 
 
 def test_job_key_is_stable_and_sensitive():
@@ -43,21 +43,3 @@ def test_atomic_write_leaves_nothing_on_crash(tmp_path):
     assert [p.name for p in target.parent.iterdir()] == ["shard.parquet"]  # no temp left
 
 
-def test_run_jobs_resumes_without_recomputing(tmp_path):
-    s = Store(tmp_path)
-    calls = []
-
-    def job(i, fail=False):
-        def fn():
-            calls.append(i)
-            if fail:
-                raise RuntimeError("boom")
-            return pd.DataFrame({"i": [i]})
-        return (f"m{i}", {"i": i}, fn)
-
-    with pytest.raises(RuntimeError):
-        run_jobs(s, "t", [job(0), job(1), job(2, fail=True), job(3)])
-    assert calls == [0, 1, 2] and len(s.paths("t")) == 2  # finished work survived the crash
-    run_jobs(s, "t", [job(0), job(1), job(2), job(3)])
-    assert calls == [0, 1, 2, 2, 3]  # only the unfinished jobs ran
-    assert sorted(s.read("t")["i"]) == [0, 1, 2, 3]

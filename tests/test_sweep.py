@@ -220,11 +220,12 @@ def test_landed_analyses_run_as_jobs(tmp_path):
     r = run_sweep(s, tmp_path / "out", progress=False)
     assert r.ok, r.failed
     store = Store(tmp_path / "out")
+    # the tables a direct call of each analysis writes, under the same names (one name for one table, issue 13)
     assert set(store.analyses()) == {"training", "module-criticality", "invariance", "invariance-inversions",
-                                     "invariance-summary", "dynamics", "dynamics-probes", "dynamics-drs",
-                                     "dynamics-training"}
-    cka = store.read("dynamics")
-    assert set(cka["model"]) == {"baseline", "adam"} and set(cka["epoch_a"]) == {0, 1}
+                                     "invariance-summary", "dynamics-cka", "dynamics-probes", "dynamics-drs",
+                                     "dynamics-triplets", "dynamics-training"}
+    cka = store.read("dynamics-cka")
+    assert set(cka["run"]) == {"baseline", "adam"} and set(cka["epoch_a"]) == {0, 1}
     mc = store.read("module-criticality")
     assert sorted(mc["model"]) == ["adam", "adam", "baseline", "baseline"] and set(mc["layer"]) == {"conv1", "fc"}
     assert set(store.read("invariance")["metric"]) == {"stir", "noise", "cka"}

@@ -125,7 +125,7 @@ def test_forward_is_bitwise_identical_to_plain_layer() -> None:
 
 
 def test_small_batch_uses_b_by_b_form_and_matches_n_by_n(monkeypatch: pytest.MonkeyPatch) -> None:
-    import layerlab.tract as tract_mod
+    import layerlab.tract.gradient as tract_mod
 
     solved: list[int] = []
     real_solve = tract_mod._solve_spd

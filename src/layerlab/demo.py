@@ -1,7 +1,9 @@
 """`layerlab demo`: the whole toolkit end to end on the embedded digits data, offline, in minutes on a CPU.
 
 Steps run in order; each is resumable (finished runs and shards are skipped), so a killed demo re-run
-continues where it stopped. Every analysis contributes one step function ``(ctx) -> None``.
+continues where it stopped. The demo's own steps (train the zoo, the TrAct study, the report) are registered here;
+every analysis contributes its step ``(ctx) -> None`` through its contract (``demo=`` in
+:mod:`layerlab.analysis`), in :data:`ORDER` or, for an analysis the order does not name, before the report.
 """
 from __future__ import annotations
 
@@ -17,8 +19,6 @@ from .store import Store, job_key
 
 DEMO_STEPS: Registry[Callable[["DemoContext"], None]] = Registry("demo step")
 ORDER: list[str] = ["zoo", "criticality", "tract", "dynamics", "invariance", "report"]
-# Analysis modules that register their own demo step (imported lazily: they import this module).
-STEP_MODULES: list[str] = ["layerlab.dynamics", "layerlab.invariance", "layerlab.report"]
 
 
 @dataclass
@@ -58,17 +58,28 @@ def train_demo_zoo(ctx: DemoContext) -> None:
             ctx.store.write("training", key, m, {"model": e.name, "recipe": e.recipe.to_dict()})
 
 
+def demo_steps() -> dict[str, Callable[[DemoContext], None]]:
+    """Every step in running order: the demo's own (here) and each analysis' (its contract's ``demo``)."""
+    from .analysis import analyses, resolve
+
+    steps = {name: DEMO_STEPS.get(name) for name in DEMO_STEPS.names()}
+    steps.update({a.name: resolve(a.demo) for a in analyses() if a.demo is not None})
+    order = [n for n in ORDER if n in steps]
+    extra = [n for n in steps if n not in order]
+    at = order.index("report") if "report" in order else len(order)
+    return {n: steps[n] for n in order[:at] + extra + order[at:]}
+
+
 def run_demo(out: str | Path = "layerlab-demo", *, steps: list[str] | None = None, device: str = "cpu",
              progress: bool = True) -> DemoContext:
     """Run the demo steps (all by default) into ``out`` and return the context with timings."""
-    import importlib
-
-    for module in STEP_MODULES:
-        importlib.import_module(module)
+    registered = demo_steps()
     ctx = DemoContext(Path(out), device=device, progress=progress)
     ctx.out.mkdir(parents=True, exist_ok=True)
-    for name in steps or ORDER:
-        fn = DEMO_STEPS.get(name)
+    for name in steps or list(registered):
+        if name not in registered:
+            DEMO_STEPS.get(name)  # the usual unknown-name error, with the known steps
+        fn = registered[name]
         t0 = time.time()
         print(f"== demo step: {name}", flush=True)
         fn(ctx)
@@ -77,22 +88,11 @@ def run_demo(out: str | Path = "layerlab-demo", *, steps: list[str] | None = Non
     return ctx
 
 
-@step("criticality")
-def criticality_of_zoo(ctx: DemoContext) -> None:
-    """Gavrikov et al.'s layer criticality for every zoo model (364 test images, 3 trials) and its figures."""
-    from .criticality import demo_step
-
-    attrs = pd.read_csv(ctx.zoo_dir / "zoo.csv")
-    demo_step(ctx.zoo_dir, ctx.out, attrs, threads=1)
-    summary = pd.read_csv(ctx.out / "criticality_summary.csv")
-    avg = summary.groupby("model")["criticality"].mean().sort_values()
-    print("average criticality (%):", ", ".join(f"{m} {v:.1f}" for m, v in avg.items()))
-
-
 @step("tract")
 def tract_vs_vanilla(ctx: DemoContext) -> None:
     """TrAct vs vanilla (SGD and Adam, 3 seeds) on a 500-image digits subset: accuracy-vs-epoch curves."""
     from . import tract_study
+    from .plots.tract import plot_curves
 
     config = {"budgets": [6], "seeds": [0, 1, 2], "optimizers": ["sgd", "adam"], "train_n": 500, "lam": 0.1}
     key = job_key(tract_study.DEMO_ARCH, "tract", config)
@@ -102,6 +102,15 @@ def tract_vs_vanilla(ctx: DemoContext) -> None:
                                                 lam=config["lam"], device=ctx.device, progress=ctx.progress)
         ctx.store.write("tract", key, curves, {"model": tract_study.DEMO_ARCH, "config": config})
     curves = ctx.store.read_shard("tract", key)
-    tract_study.plot_curves(curves, ctx.out / "figures" / "tract" / "tract_vs_vanilla")
+    plot_curves(curves, ctx.out / "figures" / "tract" / "tract_vs_vanilla")
     summary = tract_study.summarize(curves)
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+@step("report")
+def report_step(ctx: DemoContext) -> None:
+    """Write OUT/report.html: every figure, table, config and version of the demo on one offline page."""
+    from .report import write_report
+
+    path = write_report(ctx.out)
+    print(f"report: {path.resolve()}", flush=True)

@@ -15,7 +15,9 @@ over random triplets (default 500 at 50 x 50). Geometry is computed in float64 a
 
 Pure functions: :func:`plane_basis`, :func:`plane_coords`, :func:`plane_points`, :func:`plane`,
 :func:`sample_triplets`, :func:`iter_plane_batches`, :func:`region_agreement`; the one-call
-:func:`decision_region_similarity` runs two classifiers over the planes.
+:func:`decision_region_similarity` runs two classifiers over the planes. :func:`layerlab.dynamics.dynamics` uses the
+geometry but not that function (it compares the stored predictions of all checkpoint pairs at once), and the tests
+check it against :func:`decision_region_similarity`, the reference implementation.
 """
 from __future__ import annotations
 
@@ -228,6 +230,10 @@ def decision_region_similarity(predict_a: PredictFn, predict_b: PredictFn, tripl
     """Mean over triplets [T, 3, C, H, W] of the fraction of plane grid points where the two argmaxes agree.
 
     ``predict_*``: images [n, C, H, W] -> logits [n, K] (or class indices [n]); 1.0 means identical regions.
+
+    The reference implementation of the DRS: :func:`layerlab.dynamics.dynamics` runs every checkpoint over the planes
+    once, keeps its predicted classes and compares all K x K pairs from those (the same agreement, far fewer
+    forward passes); the tests and ``benchmarks/dynamics.py`` check it against this function.
     """
     pa = region_predictions(predict_a, triplets, resolution, margin, batch_size)
     pb = region_predictions(predict_b, triplets, resolution, margin, batch_size)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Generic, Iterable, Iterator, TypeVar
+from typing import Callable, Generic, Iterable, Iterator, Sequence, TypeVar
 
 from .errors import SpecError
 
@@ -57,3 +57,13 @@ class Registry(Generic[F]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._items))
+
+
+def check_fields(what: str, got: Iterable[str], known: Sequence[str]) -> None:
+    """SpecError naming the first of ``got`` not in ``known`` (a misspelt field in a sweep or zoo file), with a close
+    match and the known fields."""
+    bad = [k for k in got if k not in known]
+    if bad:
+        close = difflib.get_close_matches(bad[0], list(known), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise SpecError(f"{what}: unknown field {bad[0]!r}{hint}; known fields: {', '.join(known)}")

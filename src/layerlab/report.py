@@ -22,7 +22,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -33,8 +33,9 @@ from .store import Store, atomic_write_text, versions
 
 __all__ = ["SUMMARIES", "ReportData", "collect", "criticality_accuracy", "render", "summary", "write_report"]
 
+from .criticality.tables import criticality_accuracy  # noqa: E402  (re-exported: the report's correlation)
+
 FIGURE_SUFFIXES = (".png", ".svg")
-ADVERSARIAL = ("adversarial",)
 
 # ======================================================================================= per-analysis summaries
 
@@ -44,6 +45,17 @@ SUMMARIES: Registry[Callable[[pd.DataFrame], pd.DataFrame]] = Registry("report s
 def summary(name: str):
     """Register ``fn(table) -> DataFrame``, the short table the report shows above analysis ``name``'s full one."""
     return SUMMARIES.register(name)
+
+
+def _summary_of(table: str) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    """The summary shown above ``table``: registered here, else declared by the analysis whose main table it is
+    (:mod:`layerlab.analysis`), else :func:`generic_summary`."""
+    if table in SUMMARIES:
+        return SUMMARIES.get(table)
+    from .analysis import analyses, resolve
+
+    declared = {a.tables[0]: a.summary for a in analyses() if a.summary is not None}
+    return resolve(declared[table]) if table in declared else generic_summary
 
 
 def generic_summary(table: pd.DataFrame) -> pd.DataFrame:
@@ -88,41 +100,6 @@ def _training_summary(table: pd.DataFrame) -> pd.DataFrame:
 
 
 # ========================================================================================= the correlation
-
-
-def criticality_accuracy(criticality: pd.DataFrame, zoo: pd.DataFrame, *, mode: str = "randomize",
-                         exclude: Sequence[str] = ADVERSARIAL) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(per-model table, correlations): Spearman rho between each model's mean criticality and its accuracy.
-
-    The per-model table joins the mean over layers of the (trial-averaged) layer criticality with the zoo table's
-    ``accuracy`` (and ``category``). Correlations: one row over all models and, when some model's category is in
-    ``exclude`` (the paper's adversarially trained models), one without them; rho is NaN below 3 models.
-    """
-    need = {"model", "layer", "criticality"}
-    if missing := need - set(criticality.columns):
-        raise LayerlabError(f"criticality table lacks columns {sorted(missing)}; pass the table criticality() returns")
-    if "model" not in zoo.columns or "accuracy" not in zoo.columns:
-        raise LayerlabError("zoo table needs 'model' and 'accuracy' columns (as OUT/zoo/zoo.csv has)")
-    rows = criticality[criticality["mode"] == mode] if "mode" in criticality.columns else criticality
-    per_model = (rows.groupby(["model", "layer"], sort=False)["criticality"].mean()
-                 .groupby(level="model", sort=False).mean().rename("mean_criticality").reset_index())
-    keep = [c for c in ("model", "category", "recipe", "accuracy") if c in zoo.columns]
-    table = per_model.merge(zoo[keep].drop_duplicates("model"), on="model", how="inner")
-    subsets = [("all models", table)]
-    if "category" in table.columns and table["category"].isin(list(exclude)).any():
-        subsets.append((f"without {', '.join(exclude)}", table[~table["category"].isin(list(exclude))]))
-    corr = [{"models": label, **_spearman(part["mean_criticality"], part["accuracy"])} for label, part in subsets]
-    return table.sort_values("accuracy", ascending=False).reset_index(drop=True), pd.DataFrame(corr)
-
-
-def _spearman(x: pd.Series, y: pd.Series) -> dict[str, float]:
-    from scipy.stats import spearmanr
-
-    n = int(len(x))
-    if n < 3 or x.nunique() < 2 or y.nunique() < 2:
-        return {"n": n, "rho": math.nan, "p": math.nan}
-    res = spearmanr(x, y)
-    return {"n": n, "rho": float(res.statistic), "p": float(res.pvalue)}
 
 
 # ================================================================================================ collecting
@@ -215,31 +192,13 @@ def _zoo_table(out: Path, store: Store) -> tuple[pd.DataFrame | None, str]:
 
 
 def _correlation_figure(per_model: pd.DataFrame, corr: pd.DataFrame) -> bytes | None:
-    """A small scatter of mean criticality vs accuracy, coloured by category, as PNG bytes."""
+    """The criticality/accuracy scatter (:func:`layerlab.plots.criticality.accuracy_scatter`) as PNG bytes."""
     if len(per_model) < 2:
         return None
-    from matplotlib.figure import Figure
+    from .plots.criticality import accuracy_scatter
 
-    fig = Figure(figsize=(5.0, 3.6), layout="constrained")
-    ax = fig.add_subplot()
-    cats = (per_model["category"].fillna("other").astype(str) if "category" in per_model
-            else pd.Series("all", index=per_model.index))
-    for k, cat in enumerate(dict.fromkeys(cats)):
-        part = per_model[cats == cat]
-        ax.scatter(part["accuracy"], part["mean_criticality"], s=30, label=cat, color=f"C{k % 10}")
-        for _, r in part.iterrows():
-            ax.annotate(str(r["model"]), (r["accuracy"], r["mean_criticality"]), fontsize=6, xytext=(3, 3),
-                        textcoords="offset points")
-    rho = corr.iloc[0]
-    n = int(rho["n"])
-    text = f"Spearman rho = {rho['rho']:+.2f} (n = {n})" if math.isfinite(rho["rho"]) else f"rho: n/a (n = {n})"
-    ax.set_title(f"Mean criticality vs test accuracy\n{text}", fontsize=9)
-    ax.set_xlabel("test accuracy")
-    ax.set_ylabel("mean criticality [%]")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    accuracy_scatter(per_model, corr.iloc[0], size=(5.0, 3.6)).savefig(buf, format="png", dpi=110)
     return buf.getvalue()
 
 
@@ -260,7 +219,7 @@ def collect(out: str | Path) -> ReportData:
         summ = pd.DataFrame()
         if len(table):
             try:
-                summ = (SUMMARIES.get(name) if name in SUMMARIES else generic_summary)(table)
+                summ = _summary_of(name)(table)
             except Exception as e:  # a summary must never cost the page
                 summ = pd.DataFrame([{"summary failed": f"{type(e).__name__}: {e}"}])
         analyses.append(AnalysisData(name, table, summ, shards, vers, _figures(fig_root / name)))
@@ -483,16 +442,3 @@ def write_report(out: str | Path, path: str | Path | None = None, *, max_rows: i
 
 
 # ==================================================================================================== demo
-
-
-def _register_demo_step() -> None:
-    from .demo import step
-
-    @step("report")
-    def report_step(ctx) -> None:
-        """Write OUT/report.html: every figure, table, config and version of the demo on one offline page."""
-        path = write_report(ctx.out)
-        print(f"report: {path.resolve()}", flush=True)
-
-
-_register_demo_step()

@@ -1,4 +1,7 @@
-"""The one device policy every analysis follows: where to compute, given a ``device=`` argument and a model.
+"""What every analysis needs from its runtime, written once: the device policy, the eval-mode guard and the
+fingerprints that key stored results.
+
+The device policy, where to compute given a ``device=`` argument and a model:
 
 * ``None``: where the model already is (its first parameter, else its first buffer), or the CPU without a
   model. layerlab never moves a model it was handed, so this is the default of every analysis.
@@ -17,6 +20,7 @@ True
 """
 from __future__ import annotations
 
+import hashlib
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -25,7 +29,7 @@ from torch import nn
 
 from .errors import LayerlabError
 
-__all__ = ["eval_mode", "model_device", "resolve_device"]
+__all__ = ["eval_mode", "model_device", "model_fingerprint", "resolve_device", "tensor_fingerprint"]
 
 
 @contextmanager
@@ -76,3 +80,32 @@ def resolve_device(device: str | torch.device | None, model: nn.Module | None = 
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise LayerlabError(f"device {str(device)!r} asked for, but MPS is not available here; use --device cpu")
     return dev
+
+
+def _update(h: "hashlib._Hash", label: str | None, t: torch.Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update((f"{label}:" if label is not None else "").encode() + f"{t.dtype}:{tuple(t.shape)}".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """16 hex digits of sha256 over the architecture spec (``layerlab_arch``, else the class name) and every entry
+    of the state dict (parameters and buffers: weights and BN statistics both decide the outputs): the weights
+    part of a stored result's key.
+
+    >>> a = torch.nn.Linear(2, 2)
+    >>> model_fingerprint(a) == model_fingerprint(a), len(model_fingerprint(a))
+    (True, 16)
+    """
+    h = hashlib.sha256(str(getattr(model, "layerlab_arch", type(model).__name__)).encode())
+    for k, v in model.state_dict().items():
+        _update(h, k, v)
+    return h.hexdigest()[:16]
+
+
+def tensor_fingerprint(x: torch.Tensor) -> str:
+    """16 hex digits of sha256 over a tensor's dtype, shape and bytes (images that key a cached result)."""
+    h = hashlib.sha256()
+    _update(h, None, x)
+    return h.hexdigest()[:16]

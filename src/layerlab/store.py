@@ -3,6 +3,7 @@
 Layout::
 
     OUT/shards/<analysis>/<key>.parquet     one tidy table per job; key = hash(model spec, analysis, config)
+    OUT/jobs/<kind>/<key>.json               a sweep job of an analysis that writes its own shards: finished
 
 A shard appears only complete (temp file in the same folder, fsync, ``os.replace``), so a crash or a kill
 never leaves a torn shard, and re-running skips every key whose shard exists. Two writers of the same key
@@ -15,7 +16,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import pandas as pd
 import pyarrow as pa
@@ -88,6 +89,19 @@ class Store:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"layerlab": json.dumps(_canonical(info), default=str).encode()})
         return atomic_write(self.shard(analysis, key), lambda f: pq.write_table(table, f))
 
+    def job_marker(self, kind: str, key: str) -> Path:
+        return self.root / "jobs" / kind / f"{key}.json"
+
+    def mark_done(self, kind: str, key: str, meta: dict[str, Any] | None = None) -> Path:
+        """Record that job ``key`` of ``kind`` finished: its tables are in the shards it wrote itself (an analysis
+        writes per-unit shards, the same whether called from the API or a sweep, so rows are never duplicated)."""
+        info = {"kind": kind, "key": key, **(meta or {}), "versions": versions()}
+        return atomic_write_text(self.job_marker(kind, key), json.dumps(_canonical(info), default=str, indent=1))
+
+    def done(self, kind: str, key: str) -> bool:
+        """Whether job ``key`` of ``kind`` finished: its marker, or (a kind storing one shard per job) its shard."""
+        return self.job_marker(kind, key).exists() or self.has(kind, key)
+
     def read_shard(self, analysis: str, key: str) -> pd.DataFrame:
         return pq.read_table(self.shard(analysis, key)).to_pandas()
 
@@ -131,17 +145,6 @@ class Store:
             ) from None
         finally:
             con.close()
-
-
-def run_jobs(store: Store, analysis: str, jobs: Iterable[tuple[str, dict[str, Any], Callable[[], pd.DataFrame]]]) -> list[Path]:
-    """Run each (model, config, fn) job whose shard is missing; finished shards are skipped, never recomputed."""
-    out = []
-    for model, config, fn in jobs:
-        key = job_key(model, analysis, config)
-        if not store.has(analysis, key):
-            store.write(analysis, key, fn(), {"model": model, "config": config})
-        out.append(store.shard(analysis, key))
-    return out
 
 
 def versions() -> dict[str, str]:

@@ -63,31 +63,3 @@ def matching_budget(summary: pd.DataFrame) -> pd.DataFrame:
                      "tract_budget_to_match": int(hit["budget"].min()) if len(hit) else np.nan,
                      "tract_best": float(tr["mean"].max())})
     return pd.DataFrame(rows)
-
-
-def plot_curves(curves: pd.DataFrame, path: Path):
-    """Test accuracy vs epoch, mean +- std over seeds, vanilla vs TrAct, one panel per (optimizer, budget)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = sorted(curves[["optimizer", "budget"]].drop_duplicates().itertuples(index=False))
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
-    for ax, (opt, budget) in zip(axes[0], keys):
-        sub = curves[(curves["optimizer"] == opt) & (curves["budget"] == budget)]
-        for method, colour in (("vanilla", "tab:gray"), ("tract", "tab:red")):
-            g = sub[sub["method"] == method].groupby("epoch")["test_acc"]
-            mean, std = g.mean(), g.std().fillna(0)
-            ax.plot(mean.index, mean.values, "-o", ms=3, color=colour, label=f"{method} (n={sub[sub['method'] == method]['seed'].nunique()})")
-            ax.fill_between(mean.index, mean - std, mean + std, color=colour, alpha=0.2)
-        ax.set(title=f"{opt.upper()}, {budget} epochs", xlabel="epoch", ylabel="test accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle("TrAct (first layer, lambda=0.1) vs vanilla: mean +- std over seeds")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for suffix in (".png", ".svg"):
-        fig.savefig(path.with_suffix(suffix), dpi=110)
-    plt.close(fig)
-    return path.with_suffix(".png")

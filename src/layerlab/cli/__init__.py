@@ -68,6 +68,25 @@ for _name in COMMAND_MODULES:
     importlib.import_module(f"{__name__}.{_name}").register(app)
 
 
+def add_analysis_commands(app: typer.Typer = app) -> list[str]:
+    """A command for every analysis of the contract (:mod:`layerlab.analysis`) that has none yet: its own
+    ``cli`` register function, else one generated from its config. Returns the names added."""
+    from ..analysis import analyses, resolve
+    from .generated import register
+
+    have = {c.name or c.callback.__name__ for c in app.registered_commands}
+    added = []
+    for a in analyses():
+        if (a.command or a.name) in have:
+            continue
+        (resolve(a.cli) or (lambda app_: register(app_, a)))(app)
+        added.append(a.name)
+    return added
+
+
+add_analysis_commands()
+
+
 def _click_errors() -> tuple[type[Exception], ...]:
     """Usage-error base classes: typer >= 0.2x raises its vendored copy of click's, older typer click's own."""
     found: list[type[Exception]] = []

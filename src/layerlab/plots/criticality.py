@@ -20,6 +20,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ..criticality import average_criticality
+from ..criticality.tables import spearman_rho
+from . import save_figure
 from ..errors import LayerlabError
 
 _CATEGORY_COLOURS = (
@@ -181,15 +183,11 @@ def spearman(summary: pd.DataFrame, attrs: pd.DataFrame | None = None, accuracy:
              mode: str = "randomize", exclude: Sequence[str] = ()) -> tuple[float, float, int]:
     """Spearman's rho (and p) between average criticality and accuracy over models, leaving out categories
     ``exclude`` (the paper: -0.46 over all 50 models, -0.17 without the adversarially trained ones)."""
-    from scipy.stats import spearmanr
-
     table = _accuracy_table(summary, attrs, accuracy, mode)
     if exclude and "category" in table.columns:
         table = table[~table["category"].isin(list(exclude))]
-    if len(table) < 3 or table["criticality"].nunique() < 2 or table["_acc"].nunique() < 2:
-        return math.nan, math.nan, len(table)
-    res = spearmanr(table["criticality"], table["_acc"])
-    return float(res.statistic), float(res.pvalue), len(table)
+    r = spearman_rho(table["criticality"], table["_acc"])
+    return r["rho"], r["p"], r["n"]
 
 
 def _accuracy_table(summary: pd.DataFrame, attrs: pd.DataFrame | None, accuracy: str, mode: str) -> pd.DataFrame:
@@ -203,6 +201,30 @@ def _accuracy_table(summary: pd.DataFrame, attrs: pd.DataFrame | None, accuracy:
     return table[table["_acc"].notna()]
 
 
+def accuracy_scatter(table: pd.DataFrame, rho: pd.Series | dict, *, x: str = "accuracy", y: str = "mean_criticality",
+                     category: str = "category", xlabel: str = "test accuracy", title: str | None = None,
+                     size: tuple[float, float] = (5.2, 3.8)) -> Figure:
+    """Mean criticality against accuracy, one point per model coloured by training category, with Spearman's rho
+    (a :func:`layerlab.criticality.tables.spearman_rho` row: n, rho, p) in the title."""
+    cats = _categories(table, category)
+    fig = Figure(figsize=size, layout="constrained")
+    ax = fig.add_subplot()
+    for cat, colour in _colours(cats.tolist()).items():
+        part = table[cats == cat]
+        ax.scatter(part[x], part[y], color=colour, label=cat, s=28)
+        for _, r in part.iterrows():
+            ax.annotate(str(r["model"]), (r[x], r[y]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("average criticality [%]")
+    n = int(rho["n"])
+    rho_text = (f"Spearman rho = {rho['rho']:+.2f} (p = {rho['p']:.2g}, n = {n})" if math.isfinite(rho["rho"])
+                else f"Spearman rho: n/a (n = {n})")
+    ax.set_title(title or f"Average criticality vs accuracy\n{rho_text}", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return fig
+
+
 def vs_accuracy(
     summary: pd.DataFrame, attrs: pd.DataFrame | None = None, accuracy: str = "accuracy", *, category: str = "category",
     mode: str = "randomize", title: str | None = None,
@@ -213,23 +235,9 @@ def vs_accuracy(
     accuracy on the criticality images).
     """
     table = _accuracy_table(summary, attrs, accuracy, mode)
-    rho, p, n = spearman(summary, attrs, accuracy, mode=mode)
-    cats = _categories(table, category)
-    fig = Figure(figsize=(5.2, 3.8), layout="constrained")
-    ax = fig.add_subplot()
-    for cat, colour in _colours(cats.tolist()).items():
-        part = table[cats == cat]
-        ax.scatter(part["_acc"], part["criticality"], color=colour, label=cat, s=28)
-        for _, r in part.iterrows():
-            ax.annotate(str(r["model"]), (r["_acc"], r["criticality"]), fontsize=6, xytext=(3, 3),
-                        textcoords="offset points")
-    ax.set_xlabel(accuracy if accuracy in table.columns else "accuracy on the criticality images")
-    ax.set_ylabel("average criticality [%]")
-    rho_text = f"Spearman rho = {rho:+.2f} (p = {p:.2g}, n = {n})" if math.isfinite(rho) else "Spearman rho: n/a"
-    ax.set_title(title or f"Average criticality vs accuracy\n{rho_text}", fontsize=10)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    return fig
+    rho = spearman_rho(table["criticality"], table["_acc"])
+    return accuracy_scatter(table, rho, x="_acc", y="criticality", category=category, title=title,
+                            xlabel=accuracy if accuracy in table.columns else "accuracy on the criticality images")
 
 
 def checkpoint_matrix(summary: pd.DataFrame, model: str | None = None) -> pd.DataFrame:
@@ -267,18 +275,6 @@ def checkpoint_heatmap(summary: pd.DataFrame, model: str | None = None, *, title
     name = model or str(summary["model"].iloc[0])
     return _draw_matrix(matrix, title or f"Test error after reset: {name}", "test error [%]", cmap="viridis_r",
                         vmin=0, vmax=100)
-
-
-def save_figure(fig: Figure, path: str | Path, formats: Sequence[str] = ("png", "svg")) -> list[Path]:
-    """Write ``fig`` as ``path.<fmt>`` for each format; returns the paths."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    out = []
-    for fmt in formats:
-        p = path.with_suffix(f".{fmt}")
-        fig.savefig(p, dpi=150)
-        out.append(p)
-    return out
 
 
 def save_all(

@@ -24,7 +24,7 @@ from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 
 from ..errors import LayerlabError
-from ..store import atomic_write
+from . import save_figure as _save
 
 __all__ = ["accuracy_curves", "decision_regions", "layer_heatmap", "matrix_grid", "probe_accuracy", "save_dynamics",
            "save_figure"]
@@ -52,13 +52,8 @@ def _order(values: pd.Series) -> list:
 
 
 def save_figure(fig: Figure, out_dir: str | Path, name: str, formats: Sequence[str] = ("png", "svg")) -> list[Path]:
-    """Write ``fig`` as ``out_dir/name.<fmt>`` for each format (atomically); returns the paths."""
-    out = []
-    for fmt in formats:
-        path = Path(out_dir) / f"{name}.{fmt}"
-        atomic_write(path, lambda f, fmt=fmt: fig.savefig(f, format=fmt, dpi=150))
-        out.append(path)
-    return out
+    """Write ``fig`` as ``out_dir/name.<fmt>`` for each format (atomically, :func:`layerlab.plots.save_figure`)."""
+    return _save(fig, Path(out_dir) / name, formats)
 
 
 def matrix_grid(

@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 
 from ..errors import LayerlabError
 from ..invariance import grid_matrix
-from ..store import atomic_write
+from . import save_figure
 
 _NAMES = {"pretrained": "pt", "finetuned": "ft", "scratch": "scratch"}
 _COLOURS = {"retention": "#4477AA", "reverse": "#66CCEE", "scratch": "#EE6677", "transfer": "#228833",
@@ -187,17 +187,6 @@ def inversion_panel(originals: torch.Tensor, examples: Mapping[tuple[str, str], 
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
-
-
-def save_figure(fig: Figure, path: str | Path, formats: Sequence[str] = ("png", "svg")) -> list[Path]:
-    """Write ``fig`` as ``path.<fmt>`` for each format, each file atomically; returns the paths."""
-    path = Path(path)
-    out = []
-    for fmt in formats:
-        p = path.with_suffix(f".{fmt}")
-        atomic_write(p, lambda f, fmt=fmt: fig.savefig(f, format=fmt, dpi=150))
-        out.append(p)
-    return out
 
 
 def save_all(result: Mapping[str, pd.DataFrame], out_dir: str | Path, *, originals: torch.Tensor | None = None,
