@@ -25,16 +25,16 @@ over an immutable :class:`ProbeParams`, and :class:`LinearProbe` as a thin fit/p
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import runtime
 from .errors import LayerlabError, ShapeError, check_finite, warn
 from .registry import Registry
 
@@ -189,16 +189,10 @@ def _fit_softmax(z: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, 
     return ProbeFit(weight.detach(), bias.detach(), iterations, grad_max <= tol, grad_max)
 
 
-@contextmanager
-def _one_thread() -> Iterator[None]:
+def _one_thread() -> Any:
     """Run many tiny float64 ops on one intra-op thread: L-BFGS on a [n, d] x [d, C] problem is dominated by
     thread synchronisation otherwise (measured 60x slower with 2 threads on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return runtime.threads(1)
 
 
 def fit_probe(

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import LayerlabError
-from ..runtime import resolve_device
+from ..runtime import progress, resolve_device
 
 __all__ = ["ANALYSIS", "MODULE_ANALYSIS", "ModelLike", "VERSION"]
 
@@ -60,9 +61,7 @@ def _run_for(name: str, run: str | Path | Mapping[str, str | Path] | None, n_mod
     return Path(run)
 
 
-def _progress(total: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
-
+def _progress(total: int, enabled: bool, desc: str) -> Any:
     # delay: a bar appears only once work has gone on for a second, so an input error found on the first batch
     # is the only line the user sees
-    return tqdm(total=total, disable=not enabled, desc=desc, unit="job", dynamic_ncols=True, delay=1.0)
+    return progress(total=total, enabled=enabled, desc=desc, unit="job", dynamic_ncols=True, delay=1.0, leave=True)

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-import torch
 
+from .. import runtime
 from ..criticality import criticality, summarize, write_tables
 from ..errors import LayerlabError
 
@@ -38,13 +38,8 @@ def demo_step(
     if not found:
         raise LayerlabError(f"zoo folder {str(zoo_dir)!r} holds no <model>/final.pt; train the zoo first")
     models = {d.name: "file:" + str(d / "final.pt") for d in found}
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with runtime.threads(threads):
         table = criticality(models, "digits", split="test", images=images, trials=trials, store=out, progress=False)
-    finally:
-        torch.set_num_threads(before)
     paths = write_tables(table, out)
     return paths + save_all(summarize(table), out / "figures" / "criticality", attrs=attrs, baseline="baseline")
 

@@ -3,8 +3,8 @@ a finetuned and a scratch model on the digits, run the STIR grid and draw its fi
 its contract (layerlab/analyses/invariance.py). Imports the analysis and its figures; the analysis imports neither."""
 from __future__ import annotations
 
-import torch
 
+from .. import runtime
 from ..demo import DemoContext
 from ..invariance import InversionCache, example_inversions, grid_images, invariance_grid
 
@@ -17,14 +17,10 @@ DEMO_LAYERS = ["conv1", "layer1", "layer2", "layer3", "layer4", "fc"]
 
 def demo_invariance(ctx: DemoContext) -> None:
     """Pretrain on digits 0-4, finetune on 5-9, train a scratch control on 5-9, and run the STIR grid."""
-    threads = torch.get_num_threads()
     # Tiny convolutions gain nothing from intra-op threads, and on an oversubscribed CPU two OpenMP threads made
     # this step ~10x slower (measured); one thread for the step, the caller's setting restored afterwards.
-    torch.set_num_threads(1)
-    try:
+    with runtime.threads(1):
         _demo(ctx)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _demo(ctx: DemoContext) -> None:

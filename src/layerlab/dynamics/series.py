@@ -32,6 +32,7 @@ from ..features import OUTPUT_KEY, layer_labels
 from ..models import num_outputs
 from ..regions import sample_triplets
 from ..similarity import CKAAccumulator
+from ..runtime import progress
 from ..store import Store, job_key
 from .config import PROBE_TOKENS, TABLES, DynamicsConfig, _config
 from .passes import _checkpoint_pass, _Inputs, _warn_probe_rows
@@ -117,11 +118,7 @@ def _pred_array(k: int, n_views: int, points: int) -> np.ndarray:
 
 
 def _progress(items: list, on: bool, desc: str) -> Iterable[Any]:
-    if not on:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, unit="ckpt", leave=False)
+    return progress(items, enabled=on, desc=desc, unit="ckpt") if on else items
 
 
 def dynamics(

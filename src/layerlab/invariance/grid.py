@@ -27,7 +27,7 @@ from ..data import ImageData, load_data, subset_rows
 from ..errors import DataError, LayerlabError
 from ..features import layer_labels
 from ..models import load_model
-from ..runtime import model_fingerprint, resolve_device, tensor_fingerprint
+from ..runtime import model_fingerprint, progress, resolve_device, tensor_fingerprint
 from ..store import Store, job_key
 from .inputs import (
     DEFAULT_RANGE,
@@ -292,7 +292,5 @@ def invariance_grid(
 
 
 def _progress(total: int, enabled: bool) -> Any:
-    """A tqdm bar over the pending inversions (disabled unless ``enabled``)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="invariance (inversions)", disable=not enabled, unit="inv", leave=False)
+    """A bar over the pending inversions (disabled unless ``enabled``)."""
+    return progress(total=total, enabled=enabled, desc="invariance (inversions)", unit="inv")

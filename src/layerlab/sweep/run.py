@@ -71,14 +71,10 @@ def _threads(num_cpus: float) -> Iterator[None]:
     if "torch" not in sys.modules:
         yield
         return
-    import torch
+    from ..runtime import threads
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(num_cpus)))
-    try:
+    with threads(num_cpus):
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _outcome(job: Job, status: str, t0: float, attempts: int = 0, error: str = "", tb: str = "") -> dict[str, Any]:
