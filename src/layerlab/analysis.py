@@ -31,12 +31,14 @@ from typing import Any, Callable, Mapping
 from .registry import Registry
 
 __all__ = ["ANALYSES", "Analysis", "BUILTIN", "analyses", "coerce", "config_defaults", "config_of", "register",
-           "resolve", "run_job"]
+           "job_options", "resolve", "run_job"]
 
 #: the package whose modules declare the built-in analyses, one module each (imported on first use)
 BUILTIN = "layerlab.analyses"
 #: comma-separated modules that register more analyses (your own), imported with the built-in ones
 PLUGINS_ENV = "LAYERLAB_PLUGINS"
+#: the job config fields the sweep runner fills in; everything else in a job's config is an option of its kind
+RUNTIME_FIELDS = ("model", "run", "data", "device", "name", "key")
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,11 @@ def config_defaults(config: type) -> dict[str, Any]:
             continue
         out[f.name] = list(value) if isinstance(value, tuple) else value
     return out
+
+
+def job_options(config: Mapping[str, Any], *drop: str) -> dict[str, Any]:
+    """A job config's analysis options: everything but :data:`RUNTIME_FIELDS` and ``drop`` (e.g. ``version``)."""
+    return {k: v for k, v in config.items() if k not in RUNTIME_FIELDS + drop}
 
 
 def coerce(config: type, options: Mapping[str, Any]) -> dict[str, Any]:

@@ -6,17 +6,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import criticality as crit
-from ..analysis import Analysis, config_of, register
+from ..analysis import Analysis, config_of, job_options, register
 
-#: job config fields the sweep runner fills in; everything else is an option of the analysis
-RUNTIME = ("model", "run", "data", "device", "name", "key", "version")
 DROP = ("models", "data", "device", "progress", "store", "run")
 
 
 def _job(fn: Callable[..., Any]) -> Callable[[dict[str, Any], Path, Any], None]:
     def job(config: dict[str, Any], out: Path, store: Any) -> None:
         """One model: the API call with ``store``, so its per-unit shards are the ones a direct call writes."""
-        opts = {k: v for k, v in config.items() if k not in RUNTIME}
+        opts = job_options(config, "version")
         if config.get("run"):
             opts["run"] = {config["name"]: config["run"]}
         fn({config["name"]: config["model"]}, config["data"], device=config["device"], progress=False, store=store,

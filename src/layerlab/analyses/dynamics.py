@@ -5,18 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..analysis import Analysis, register
+from ..analysis import Analysis, job_options, register
 from ..dynamics import TABLES, TRIPLET_TABLE, DynamicsConfig, dynamics
 from ..store import job_key
 
 TRAINING_TABLE = "dynamics-training"
-RUNTIME = ("model", "run", "data", "device", "name", "key")
 
 
 def job(config: dict[str, Any], out: Path, store: Any) -> None:
     """One zoo run: the API call with ``store`` (one shard per (table, layer), as a direct call writes), plus the
     run's training curves."""
-    opts = {k: v for k, v in config.items() if k not in RUNTIME}
+    opts = job_options(config)
     parts = dynamics(config["run"], config["data"], device=config["device"], store=store, progress=False, **opts)
     key = job_key(config["run"], TRAINING_TABLE, {})
     if not store.has(TRAINING_TABLE, key):

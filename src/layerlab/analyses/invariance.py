@@ -7,12 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from .. import invariance as inv
-from ..analysis import Analysis, config_of, register
+from ..analysis import Analysis, config_of, job_options, register
 from ..errors import SpecError
 from ..registry import check_fields
 
 ROLES = ("pretrained", "finetuned", "scratch")
-RUNTIME = ("model", "run", "data", "device", "name", "key", "version")
 DROP = ("pretrained", "finetuned", "scratch", "data", "device", "cache", "cache_dir", "store", "progress")
 
 
@@ -43,7 +42,7 @@ def pairs(options: dict[str, Any], models: dict[str, str]) -> list[tuple[str, di
 def job(config: dict[str, Any], out: Path, store: Any) -> None:
     """STIR grid of one (pretrained, finetuned[, scratch]) pair into ``store`` (the shards a direct call writes);
     inversions cached under ``OUT/cache/inversions``."""
-    opts = {k: v for k, v in config.items() if k not in RUNTIME + ROLES + ("pairs",)}
+    opts = job_options(config, "version", "pairs", *ROLES)
     inv.invariance_grid(config["pretrained"], config["finetuned"], config.get("scratch"), config["data"],
                         device=config["device"], cache_dir=Path(out) / "cache" / "inversions", store=store, **opts)
 

@@ -85,10 +85,6 @@ def job_kind(name: str, *, per_model: bool = True, needs_run: bool = False, defa
     return deco
 
 
-# Fields the runner fills in; everything else in a job's config is an option of the kind.
-_RUNTIME_FIELDS = ("model", "run", "data", "device", "name", "key")
-
-
 @job_kind("training", options=("entry",))
 def training_job(config: dict[str, Any], out: Path) -> pd.DataFrame:
     """Train one zoo model into ``OUT/zoo/<name>`` (resumes a killed run); returns its per-epoch metrics."""

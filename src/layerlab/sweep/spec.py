@@ -8,11 +8,12 @@ from typing import Any, Mapping
 
 import pandas as pd
 
+from ..analysis import RUNTIME_FIELDS
 from ..errors import SpecError
+from ..registry import check_fields as _unknown
 from ..specfiles import read_spec
 from ..store import Store, job_key
-from ..registry import check_fields as _unknown
-from .kinds import _RUNTIME_FIELDS, JOB_KINDS, ZOO_PREFIX, load_plugins
+from .kinds import JOB_KINDS, ZOO_PREFIX, load_plugins
 
 SWEEP_FIELDS = ("name", "zoo", "models", "data", "device", "retries", "resources", "plugins", "analyses", "seed")
 RESOURCE_FIELDS = ("num_cpus", "num_gpus")
@@ -159,7 +160,7 @@ def expand(sweep: Sweep) -> list[Job]:
         data = options.pop("data", sweep.data)
         seed = options.get("seed", sweep.seed)
         if kind.options is not None:
-            _unknown(where, list(options), [o for o in kind.options if o not in _RUNTIME_FIELDS])
+            _unknown(where, list(options), [o for o in kind.options if o not in RUNTIME_FIELDS])
         options = {k: v for k, v in {**kind.defaults, **options}.items()
                    if not (k in kind.neutral and v == kind.neutral[k])}
         if kind.per_model:
