@@ -238,7 +238,7 @@ def test_model_is_restored_after_a_run_that_raises(trained, data, monkeypatch):
     x = data.float()[:8]
     snap = _snapshot(model, x)
     calls = {"n": 0}
-    original = engine._stats_update
+    original = engine._batch_stats
 
     def failing(*args):
         calls["n"] += 1
@@ -246,7 +246,7 @@ def test_model_is_restored_after_a_run_that_raises(trained, data, monkeypatch):
             raise RuntimeError("boom midway")
         return original(*args)
 
-    monkeypatch.setattr(engine, "_stats_update", failing)
+    monkeypatch.setattr(engine, "_batch_stats", failing)
     with pytest.raises(RuntimeError, match="boom midway"):
         crit.criticality(model, data, trials=2, batch_size=16)
     assert calls["n"] == 3

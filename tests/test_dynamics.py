@@ -528,3 +528,91 @@ def test_cli_tokens_and_layer_selectors_fail_in_one_line(run: Path, tmp_path: Pa
         code, out, err = run_cli(monkeypatch, capsys, *args)
         assert code == 2 and "Traceback" not in out + err, out + err
         assert line in err and len(err.strip().splitlines()) == 1, err
+
+
+# ------------------------------------------------------------------- is a similarity above chance? (--null, --bootstrap)
+INFERENCE = ["null_mean", "null_high", "p_value", "ci_low", "ci_high", "distinguishable"]
+
+
+def _batch_grams(path: Path, layer: str, x: torch.Tensor, b: int) -> torch.Tensor:
+    """A checkpoint's layer features (the test's own hook; "output" read off fc) -> raw Grams [batches, b, b]."""
+    f = _features(path, "fc" if layer == "output" else layer, x)
+    return torch.from_numpy(np.stack([f[s:s + b] @ f[s:s + b].T for s in range(0, len(f), b)]))
+
+
+def _assert_row(row: pd.Series, want: dict) -> None:
+    for key, value in want.items():
+        if key in ("p_value", "distinguishable"):
+            assert row[key] == value, (key, row[key], value)
+        else:  # the table's Grams are float32 matmuls of centred features, the test's float64 of raw ones
+            assert row[key] == pytest.approx(value, abs=1e-6), (key, row[key], value)
+
+
+def test_compare_null_and_bootstrap_columns_are_single_pair_inference(run: Path) -> None:
+    from layerlab.similarity import cka_inference
+
+    paths = [checkpoint_path(run, e) for e in (0, 2)]
+    opts = dict(layers_a=["conv1", LAYER], layers_b=[LAYER], images=32, batch_size=8)
+    plain = dyn.compare(f"file:{paths[0]}", f"file:{paths[1]}", DATA, **opts)
+    f = dyn.compare(f"file:{paths[0]}", f"file:{paths[1]}", DATA, null=49, bootstrap=30, **opts)
+    assert list(f.columns) == list(plain.columns) + INFERENCE  # 0 (the default) adds nothing
+    pd.testing.assert_frame_equal(f[plain.columns], plain)
+    x = load_data(DATA, "test", images=32, seed=0).float()
+    assert len(f) == 3 * 2
+    for _, row in f.iterrows():
+        ga, gb = _batch_grams(paths[0], row["layer_a"], x, 8), _batch_grams(paths[1], row["layer_b"], x, 8)
+        _assert_row(row, cka_inference(ga, gb, permutations=49, resamples=30, seed=0, unbiased=True))
+    with pytest.raises(LayerlabError, match="fewer than 2 batches"):
+        dyn.compare(f"file:{paths[0]}", f"file:{paths[1]}", DATA, images=8, batch_size=8, bootstrap=10)
+    with pytest.raises(LayerlabError, match="at least 19"):
+        dyn.compare(f"file:{paths[0]}", f"file:{paths[1]}", DATA, images=16, batch_size=8, null=5)
+
+
+def test_dynamics_null_and_bootstrap_columns_and_keys(run: Path, tmp_path: Path) -> None:
+    from layerlab.similarity import cka_inference
+
+    store = Store(tmp_path)
+    opts = dict(layers=[LAYER], tables=("cka",), images=32, batch_size=8)
+    plain = dyn.dynamics(run, store=store, **opts)["cka"]
+    dyn.dynamics(run, store=store, null=0, bootstrap=0, **opts)  # the neutral value: the same keys, no new shard
+    assert len(store.paths("dynamics-cka")) == 2  # LAYER and output
+    f = dyn.dynamics(run, store=store, null=49, bootstrap=30, **opts)["cka"]
+    configs = [store.shard_meta(p)["config"] for p in store.paths("dynamics-cka")]
+    assert sorted((c.get("null", 0), c.get("bootstrap", 0)) for c in configs) == [(0, 0)] * 2 + [(49, 30)] * 2
+    assert list(f.columns) == list(plain.columns) + INFERENCE
+    pd.testing.assert_frame_equal(f[plain.columns], plain)
+    x = load_data(DATA, "test", images=32, seed=0).float()
+    grams = [_batch_grams(checkpoint_path(run, e), LAYER, x, 8) for e in (0, 1, 2)]
+    rows = f[f["layer"] == LAYER].set_index(["epoch_a", "epoch_b"])
+    for i, j in ((0, 1), (0, 2), (1, 1)):
+        want = cka_inference(grams[i], grams[j], permutations=49, resamples=30, seed=0, unbiased=True)
+        _assert_row(rows.loc[(i, j)], want)
+        pd.testing.assert_series_equal(rows.loc[(j, i)], rows.loc[(i, j)], check_names=False)  # symmetric
+    assert rows.loc[(1, 1), "p_value"] == pytest.approx(1 / 50)  # a checkpoint against itself: beyond every shuffle
+    with pytest.raises(LayerlabError, match="fewer than 2 batches"):
+        dyn.dynamics(run, images=8, batch_size=8, bootstrap=10)
+    with pytest.raises(LayerlabError, match=r"null: expected 0 \(off\) or >= 19"):
+        dyn.dynamics(run, null=5)
+
+
+def test_cli_null_and_bootstrap_report_chance_and_store_only_non_zero_draws(run: Path, tmp_path: Path, monkeypatch,
+                                                                           capsys) -> None:
+    from helpers import run_cli
+
+    spec = f"file:{checkpoint_path(run, 1)}"
+    base = ["compare", spec, f"file:{checkpoint_path(run, 2)}", "--out", str(tmp_path), "--data", DATA, "--layers-a",
+            "conv1", "--layers-b", "conv1", "--images", "32", "--batch-size", "8"]
+    code, out, err = run_cli(monkeypatch, capsys, *base)
+    assert code == 0 and "chance" not in out, out + err
+    code, out, err = run_cli(monkeypatch, capsys, *base, "--null", "0", "--bootstrap", "0")
+    assert code == 0 and len(Store(tmp_path).paths("compare")) == 1  # 0 is the published key
+    code, out, err = run_cli(monkeypatch, capsys, *base, "--null", "50", "--bootstrap", "40")
+    assert code == 0, out + err
+    assert "of 4 layer pairs indistinguishable from chance (p >= 0.05)" in out and "bootstrap intervals" in out
+    configs = [Store(tmp_path).shard_meta(p)["config"] for p in Store(tmp_path).paths("compare")]
+    assert sorted((c.get("null", 0), c.get("bootstrap", 0)) for c in configs) == [(0, 0), (50, 40)]
+    code, out, err = run_cli(monkeypatch, capsys, "dynamics", str(run), "--out", str(tmp_path / "d"), "--layers",
+                             LAYER, "--images", "32", "--batch-size", "8", "--triplets", "2", "--resolution", "4",
+                             "--probe-train", "100", "--null", "30", "--bootstrap", "20")
+    assert code == 0, out + err
+    assert "of 6 checkpoint pairs indistinguishable from chance" in out  # 3 pairs x (LAYER, output)

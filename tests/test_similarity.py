@@ -366,3 +366,149 @@ def test_errors_name_expected_and_received():
 def test_zero_variance_layer_gives_nan_not_a_crash():
     x = torch.randn(16, 4)
     assert np.isnan(linear_cka(x, torch.ones(16, 4)))
+
+
+# ---------------------------------------------------------------- is a similarity above chance? (null and interval)
+def np_hsic(k: np.ndarray, l: np.ndarray, unbiased: bool) -> float:
+    """HSIC_1 term by term (Song et al.) or HSIC_0 = tr(K H L H) / (n-1)^2 with the centering matrix."""
+    if unbiased:
+        return np_hsic_song(k, l)
+    n = k.shape[0]
+    h = np.eye(n) - np.ones((n, n)) / n
+    return float(np.trace(k @ h @ l @ h)) / (n - 1) ** 2
+
+
+def np_minibatch_cka_of_grams(ks: list[np.ndarray], ls: list[np.ndarray], unbiased: bool) -> float:
+    """Summed HSIC over batches, every term recomputed (HSIC(L, L) too, so a shuffle that changed it would show)."""
+    ab = sum(np_hsic(k, l, unbiased) for k, l in zip(ks, ls))
+    aa = sum(np_hsic(k, k, unbiased) for k in ks)
+    bb = sum(np_hsic(l, l, unbiased) for l in ls)
+    return ab / np.sqrt(aa * bb)
+
+
+def batch_grams(x: torch.Tensor) -> torch.Tensor:
+    """Features [n_batches, b, d] -> linear Grams [n_batches, b, b] (float64, uncentred: both estimators ignore it)."""
+    x = x.to(torch.float64)
+    return x @ x.transpose(1, 2)
+
+
+def related_features(n_batches: int, b: int, seed: int, noise: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_batches, b, 12, generator=g, dtype=torch.float64)
+    y = torch.tanh(x @ torch.randn(12, 9, generator=g, dtype=torch.float64))
+    return x, y + noise * torch.randn(y.shape, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("unbiased", ESTIMATORS)
+def test_permutation_null_equals_a_loop_reference_on_the_same_draws(unbiased):
+    from layerlab.similarity import cka_permutation_null, permutation_indices
+
+    x, y = related_features(3, 12, seed=0)
+    ka, kb = batch_grams(x), batch_grams(y)
+    null = cka_permutation_null(ka, kb, permutations=30, seed=5, unbiased=unbiased)
+    idx = permutation_indices(30, 3, 12, seed=5).numpy()
+    assert null.dtype == torch.float64 and null.shape == (30,)
+    assert all(sorted(p) == list(range(12)) for p in idx.reshape(-1, 12))  # every draw is a permutation
+    assert len({tuple(p) for p in idx.reshape(-1, 12)}) == 90  # independent per batch and per draw
+    ks, ls = ka.numpy(), kb.numpy()
+    want = [np_minibatch_cka_of_grams(list(ks), [l[ix][:, ix] for l, ix in zip(ls, idx[p])], unbiased)
+            for p in range(30)]
+    np.testing.assert_allclose(null.numpy(), want, atol=1e-12)
+    observed = np_minibatch_cka_of_grams(list(ks), list(ls), unbiased)
+    assert np.mean(want) < observed - 0.1  # shuffling broke the relation the reference can see
+
+
+@pytest.mark.parametrize("unbiased", ESTIMATORS)
+def test_bootstrap_equals_a_loop_reference_on_the_same_draws(unbiased):
+    from layerlab.similarity import bootstrap_indices, cka_bootstrap
+
+    x, y = related_features(5, 10, seed=1)
+    ka, kb = batch_grams(x), batch_grams(y)
+    boot = cka_bootstrap(ka, kb, resamples=25, seed=3, unbiased=unbiased)
+    idx = bootstrap_indices(25, 5, seed=3).numpy()
+    assert idx.min() >= 0 and idx.max() <= 4 and any(len(set(r)) < 5 for r in idx)  # with replacement
+    ks, ls = ka.numpy(), kb.numpy()
+    want = [np_minibatch_cka_of_grams([ks[i] for i in r], [ls[i] for i in r], unbiased) for r in idx]
+    np.testing.assert_allclose(boot.numpy(), want, atol=1e-12)
+
+
+def test_null_of_unrelated_features_sits_at_chance_and_the_biased_chance_level_is_high():
+    from layerlab.similarity import cka_inference
+
+    g = torch.Generator().manual_seed(2)
+    x, y = (torch.randn(4, 64, 50, generator=g, dtype=torch.float64) for _ in range(2))  # n = 256 in 4 batches
+    unb = cka_inference(batch_grams(x), batch_grams(y), permutations=200, resamples=0, seed=0, unbiased=True)
+    assert abs(unb["null_mean"]) < 0.05 and 0 < unb["null_high"] < 0.1
+    assert unb["p_value"] > 0.05 and not unb["distinguishable"] and "ci_low" not in unb
+    # the biased estimator's chance level at b = 64, d = 50 is far from 0: the null is what makes it readable
+    bia = cka_inference(batch_grams(x), batch_grams(y), permutations=200, resamples=0, seed=0, unbiased=False)
+    assert bia["null_mean"] > 0.3 and bia["cka"] > 0.3 and not bia["distinguishable"]
+
+
+def test_identical_representations_reach_the_smallest_p_value_and_an_interval_at_one():
+    from layerlab.similarity import cka_inference, cka_permutation_null
+
+    x, _ = related_features(4, 32, seed=3)
+    k = batch_grams(x)
+    r = cka_inference(k, k.clone(), permutations=99, resamples=100, seed=0, unbiased=True)
+    assert r["cka"] == pytest.approx(1.0, abs=1e-12)
+    assert r["p_value"] == pytest.approx(1 / 100) and r["distinguishable"]
+    assert r["ci_low"] == pytest.approx(1.0, abs=1e-12) and r["ci_high"] == pytest.approx(1.0, abs=1e-12)
+    # a shuffle pairs X with a shuffled X: HSIC(K, K) and HSIC(L, L) stay, the cross term collapses
+    null = cka_permutation_null(k, k, permutations=99, seed=0, unbiased=True)
+    assert float(null.max()) < 0.5 and abs(float(null.mean())) < 0.05
+
+
+def test_interval_holds_the_estimate_and_shrinks_with_more_batches():
+    from layerlab.similarity import cka_inference
+
+    widths = {}
+    for n_batches in (4, 16):
+        x, y = related_features(n_batches, 32, seed=4, noise=2.0)
+        r = cka_inference(batch_grams(x), batch_grams(y), permutations=0, resamples=400, seed=0, unbiased=True)
+        assert r["ci_low"] < r["cka"] < r["ci_high"], r
+        widths[n_batches] = r["ci_high"] - r["ci_low"]
+    assert widths[16] < 0.75 * widths[4], widths  # ~1/sqrt(batches): half as wide with four times the batches
+
+
+def test_inference_is_deterministic_under_its_seed_and_pairwise_equals_single_pairs():
+    from layerlab.similarity import cka_inference, pairwise_cka_inference
+
+    x, y = related_features(4, 16, seed=5)
+    stack = torch.stack([batch_grams(x), batch_grams(y), batch_grams(torch.tanh(y))])  # 3 layers
+    opts = dict(permutations=50, resamples=40, unbiased=True)
+    one = cka_inference(stack[0], stack[1], seed=7, **opts)
+    assert one == cka_inference(stack[0], stack[1], seed=7, **opts)
+    other = cka_inference(stack[0], stack[1], seed=8, **opts)
+    assert other["cka"] == one["cka"] and other["null_high"] != one["null_high"] and other["ci_low"] != one["ci_low"]
+    both = pairwise_cka_inference(stack, stack[:2], seed=7, **opts)
+    assert both["cka"].shape == (3, 2) and list(both) == ["cka", "null_mean", "null_high", "p_value", "ci_low",
+                                                          "ci_high", "distinguishable"]
+    for i in range(3):
+        for j in range(2):
+            single = cka_inference(stack[i], stack[j], seed=7, **opts)
+            for key, value in single.items():
+                assert both[key][i, j] == pytest.approx(value, abs=1e-12), (i, j, key)
+    self_sim = pairwise_cka_inference(stack, seed=7, **opts)  # self-similarity: a symmetric table
+    for key in ("cka", "null_mean", "null_high", "p_value", "ci_low", "ci_high"):
+        np.testing.assert_allclose(self_sim[key], self_sim[key].T, atol=1e-12, err_msg=key)
+    upper = np.triu_indices(2)  # computed for i <= j (shuffling j's rows), mirrored below the diagonal
+    np.testing.assert_allclose(self_sim["null_high"][:2, :2][upper], both["null_high"][:2][upper], atol=1e-12)
+
+
+def test_inference_errors_teach():
+    from layerlab.errors import LayerlabError
+    from layerlab.similarity import cka_bootstrap, cka_inference
+
+    x, _ = related_features(1, 16, seed=6)
+    k = batch_grams(x)
+    with pytest.raises(LayerlabError, match="at least 2 batches, got 1; use a smaller batch_size"):
+        cka_bootstrap(k, k, resamples=10, seed=0, unbiased=True)
+    with pytest.raises(LayerlabError, match=r"smallest p-value is 1/11.*use at least 20"):
+        cka_inference(k, k, permutations=10, resamples=0, seed=0, unbiased=True)
+    with pytest.raises(ShapeError, match=r"\[n_batches, b, b\].*\(16, 16\)"):
+        cka_inference(k[0], k[0], permutations=50, resamples=0, seed=0, unbiased=True)
+    with pytest.raises(ShapeError, match="same batches"):
+        cka_inference(k, k[:, :8, :8], permutations=50, resamples=0, seed=0, unbiased=True)
+    with pytest.raises(LayerlabError, match="permutations.*integer >= 0"):
+        cka_inference(k, k, permutations=-1, resamples=0, seed=0, unbiased=True)

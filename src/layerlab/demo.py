@@ -18,7 +18,7 @@ from .registry import Registry
 from .store import Store, job_key
 
 DEMO_STEPS: Registry[Callable[["DemoContext"], None]] = Registry("demo step")
-ORDER: list[str] = ["zoo", "criticality", "tract", "dynamics", "invariance", "report"]
+ORDER: list[str] = ["zoo", "criticality", "tract", "dynamics", "over-training", "invariance", "report"]
 
 
 @dataclass
@@ -105,6 +105,14 @@ def tract_vs_vanilla(ctx: DemoContext) -> None:
     plot_curves(curves, ctx.out / "figures" / "tract" / "tract_vs_vanilla")
     summary = tract_study.summarize(curves)
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+@step("over-training")
+def criticality_over_training(ctx: DemoContext) -> None:
+    """Criticality at the checkpoints of the training-dynamics runs, beside their CKA (needs the dynamics step)."""
+    from .demos.criticality import over_training_step
+
+    over_training_step(ctx)
 
 
 @step("report")

@@ -73,9 +73,10 @@ def generic_summary(table: pd.DataFrame) -> pd.DataFrame:
 
 @summary("criticality")
 def _criticality_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Per model (and mode): mean layer criticality over layers, its range, and trials per layer."""
+    """Per model (and mode, analysed epoch, shift): mean layer criticality over layers, its range, and trials per
+    layer."""
     rows = table
-    keys = ["model"] + [c for c in ("mode",) if c in table.columns]
+    keys = ["model"] + [c for c in ("mode", "epoch", "shift") if c in table.columns]
     per_layer = (rows.groupby(keys + ["layer"], sort=False, dropna=False)["criticality"]
                  .agg(["mean", "count"]).reset_index())
     g = per_layer.groupby(keys, sort=False, dropna=False)
@@ -296,6 +297,8 @@ def _esc(v: Any) -> str:
 def _cell(v: Any) -> str:
     import numpy as np
 
+    if isinstance(v, (list, tuple, np.ndarray)) and len(v) > 8:  # per-image values: their count, not 1,000 numbers
+        return f'<td class="num" data-v="{len(v)}">[{len(v)} values]</td>'
     if isinstance(v, (list, tuple, dict, np.ndarray)):
         v = json.dumps(v.tolist() if isinstance(v, np.ndarray) else v, default=str)
     elif v is None or pd.isna(v):
@@ -355,11 +358,21 @@ def _analysis_html(a: AnalysisData, out: Path, max_rows: int) -> str:
                      f"{_esc(a.name)}</code></p>")
         parts.append("<h3>Summary</h3>" + table_html(a.summary, max_rows))
         parts.append(_folded(f"Table ({_n(len(a.table), 'row')})", table_html(a.table, max_rows), len(a.table)))
+    for name, path in _derived(out, a.name).items():
+        frame = pd.read_csv(path)
+        parts.append(_folded(f"{name} ({_n(len(frame), 'row')}; {path.name})", table_html(frame, max_rows), len(frame), 0))
     if len(a.shards):
         parts.append(_folded(f"Configs ({_n(len(a.shards), 'shard')})", table_html(a.shards, max_rows), len(a.shards), 5))
         parts.append(_folded("Versions", table_html(a.versions, max_rows), 1, 5))
     parts.append("</section>")
     return "".join(parts)
+
+
+def _derived(out: Path, analysis: str) -> dict[str, Path]:
+    """The tables derived from an analysis' shards beside them (``OUT/<analysis>_*.csv``: summaries with
+    intervals, differences, settling, critical sets), by name."""
+    prefix = Store.sql_name(analysis) + "_"
+    return {v: p for v, p in Store(out).derived().items() if v.startswith(prefix) and not v.endswith("_images")}
 
 
 def _correlation_html(d: ReportData, max_rows: int) -> str:

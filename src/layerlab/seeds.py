@@ -32,8 +32,13 @@ PURPOSES = {
     "data/subset": "the fixed subset of a split (training subsets and analysis subsets alike)",
     "criticality/fresh": "the fresh instance of the architecture for re-randomisation trial t",
     "criticality/noise": "module criticality's Gaussian perturbations of one unit",
+    "criticality/bootstrap": "the image weights and trial draws of criticality's bootstrap intervals",
     "invariance/start": "the noise every representation inversion starts from",
     "dynamics/triplets": "the image triplets that span decision-region planes",
+    "shift/corruption": "a corruption's random draws (noise, impulses) for one image at one severity",
+    "shift/pgd": "the random start of one image's PGD attack inside its eps ball",
+    "cka/permutation": "the within-batch row shuffles of a CKA permutation null",
+    "cka/bootstrap": "the batches a CKA bootstrap resample draws (with replacement)",
 }
 
 

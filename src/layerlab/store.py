@@ -128,16 +128,29 @@ class Store:
         """The SQL view name of an analysis in :meth:`query` (dashes become underscores: ``dynamics_cka``)."""
         return analysis.replace("-", "_")
 
+    def derived(self) -> dict[str, Path]:
+        """Tables an analysis derived from its shards and wrote beside them (``OUT/<name>.csv``: summaries with
+        intervals, differences, settling epochs, critical sets), by SQL view name; a shard table's view wins."""
+        own = {self.sql_name(a) for a in self.analyses()}
+        found = sorted(self.root.glob("*.csv")) if self.root.is_dir() else []
+        return {self.sql_name(p.stem): p for p in found if self.sql_name(p.stem) not in own}
+
     def query(self, sql: str) -> pd.DataFrame:
-        """Run DuckDB SQL where each analysis is a view named after it (dashes become underscores)."""
+        """Run DuckDB SQL where each analysis is a view named after it (dashes become underscores), and each
+        derived table (:meth:`derived`) a view named after its file."""
         import duckdb
 
         views = {a: self.sql_name(a) for a in self.analyses()}
+        files = self.derived()
         con = duckdb.connect()
         try:
             for a, view in views.items():
                 glob = str(self.root / "shards" / a / "*.parquet").replace("'", "''")
                 con.execute(f"CREATE VIEW \"{view}\" AS SELECT * FROM read_parquet('{glob}', union_by_name=true)")
+            for view, path in files.items():
+                where = str(path).replace("'", "''")
+                con.execute(f"CREATE VIEW \"{view}\" AS SELECT * FROM read_csv_auto('{where}')")
+            views.update({str(p): v for v, p in files.items()})
             return con.execute(sql).df()
         except duckdb.Error as e:
             raise LayerlabError(

@@ -26,7 +26,8 @@ def _job(fn: Callable[..., Any]) -> Callable[[dict[str, Any], Path, Any], None]:
 register(Analysis(
     crit.ANALYSIS, tables=(crit.ANALYSIS,), config=config_of(crit.criticality, "CriticalityConfig", drop=DROP,
                                                                version=crit.VERSION),
-    job=_job(crit.criticality), neutral={"norm": False}, cli="layerlab.cli.criticality:register",
+    job=_job(crit.criticality), neutral={"norm": False, "precision": None, "shift": None, "over_training": False},
+    cli="layerlab.cli.criticality:register",
     demo="layerlab.demos.criticality:step",
     help="Re-randomise each layer and measure how far the softmax output moves (Gavrikov et al. 2024).",
 ))

@@ -24,7 +24,7 @@ def job(config: dict[str, Any], out: Path, store: Any) -> None:
 
 register(Analysis(
     "dynamics", tables=(TABLES["cka"], TABLES["probes"], TABLES["drs"], TRIPLET_TABLE, TRAINING_TABLE),
-    config=DynamicsConfig, job=job, needs_run=True, neutral={"tokens": "flatten"},
+    config=DynamicsConfig, job=job, needs_run=True, neutral={"tokens": "flatten", "null": 0, "bootstrap": 0},
     cli="layerlab.cli.dynamics:register", demo="layerlab.demos.dynamics:dynamics_step",
     help="How each layer's representation evolves over training: CKA, probes, decision regions (Sharon & Dar 2024).",
 ))

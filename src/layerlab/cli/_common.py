@@ -89,7 +89,16 @@ def print_frame(df: pd.DataFrame, title: str = "", max_rows: int = 60) -> None:
     for c in df.columns:
         t.add_column(str(c))
     for _, row in df.head(max_rows).iterrows():
-        t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
+        t.add_row(*[_cell(v) for v in row])
     Console(width=200).print(t)
     if len(df) > max_rows:
         Console().print(f"... {len(df) - max_rows} more rows")
+
+
+def _cell(v: object) -> str:
+    """One printed cell: floats to 4 significant digits, a list (per-image values) by its length."""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if hasattr(v, "__len__") and not isinstance(v, str):
+        return f"[{len(v)} values]"  # type: ignore[arg-type]
+    return str(v)

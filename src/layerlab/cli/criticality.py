@@ -30,18 +30,6 @@ def _split_list(items: list[str] | None) -> list[str]:
     return [p.strip() for item in items or [] for p in item.split(",") if p.strip()]
 
 
-def _default_model(run: Path) -> str:
-    """The trained model of a run: final.pt, else its last checkpoint."""
-    from ..runs import checkpoints
-
-    if (run / "final.pt").exists():
-        return "file:" + str(run / "final.pt")
-    found = checkpoints(run)
-    if not found:
-        raise LayerlabError(f"run {str(run)!r} has neither final.pt nor checkpoints; pass the model SPEC explicitly")
-    return "file:" + str(found[-1][1])
-
-
 def register(app: typer.Typer) -> None:
     @app.command("criticality")
     def criticality_cmd(
@@ -106,11 +94,40 @@ def register(app: typer.Typer) -> None:
             0, help="Base seed of the image subset, the fresh instances and the --module noise; each draw has its own "
             "stream (trial t: derive_seed('criticality/fresh', seed, t)), never a seed a model trains with.",
         ),
+        precision: Optional[float] = typer.Option(
+            None, "--precision",
+            help="Adaptive sampling: stop adding images to a (model, layer, trial) once its 95% interval over "
+            "images is narrower than +-P points (at most --images; a smaller --batch-size stops closer). "
+            "Auxiliary layers settle after a batch or two.",
+        ),
+        shift: Optional[list[str]] = typer.Option(
+            None, "--shift", "-s",
+            help="Also measure under a distribution shift NAME:SEVERITY (repeatable or comma-separated): "
+            "gaussian-noise, shot-noise, impulse-noise, gaussian-blur, contrast, brightness, saturate, jpeg, "
+            "pixelate at severity 1-5 (ImageNet-C style), or pgd-linf:EPS / pgd-l2:EPS (eps in 1/255, PGD "
+            "against each model). The clean images are always measured too.",
+        ),
+        over_training: bool = typer.Option(
+            False, "--over-training",
+            help="Re-randomise at every checkpoint of the run (--run, or each file:RUN/final.pt model's run; "
+            "--checkpoint picks epochs): rows carry the epoch; writes criticality_settling.csv (the epoch each "
+            "layer settles as critical or auxiliary).",
+        ),
         attrs: Optional[Path] = typer.Option(
             None, "--attrs",
             help="CSV of per-model attributes for the figures (model, category, budget, accuracy).",
         ),
-        baseline: str = typer.Option("baseline", help="Model the difference figure subtracts."),
+        baseline: str = typer.Option("baseline", help="Model (or --group-by method) the difference table and "
+                                     "figure subtract; cells whose 95% interval excludes 0 are marked."),
+        group_by: Optional[str] = typer.Option(
+            None, "--group-by",
+            help="Column of --attrs naming each model's training method (e.g. recipe): models of one method are "
+            "its seeds, and differences between methods include the seed-to-seed spread.",
+        ),
+        threshold: float = typer.Option(
+            50.0, "--threshold", help="Criticality (points) from which a layer counts as critical (settling over "
+            "training, critical sets under shift); below it auxiliary.",
+        ),
         figures: bool = typer.Option(True, "--figures/--no-figures", help="Write PNG/SVG figures."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     ) -> None:
@@ -127,16 +144,32 @@ def register(app: typer.Typer) -> None:
           layerlab criticality --run runs/base --mode randomize --mode reinit --out out/zhang
           layerlab criticality --run runs/base --module --images 256 --layers conv1,fc --out out/module
           layerlab criticality file:runs/base/final.pt --norm --layers bn1,layer3.0.bn2 --out out/norms
+          layerlab criticality file:runs/base/final.pt --precision 1 --batch-size 32 --out out/adaptive
+          layerlab criticality --run runs/base --over-training --out out/epochs
+          layerlab criticality file:runs/base/final.pt --shift gaussian-noise:3 --shift pgd-linf:2 --out out/shift
+
+        The summary holds a 95% bootstrap interval (ci_low, ci_high) over images and trials for every number;
+        criticality_differences.csv the difference to --baseline with its interval.
         """
         check_out(out)
         if module:
             ignored = [flag for flag, given in (("--mode", bool(mode)), ("--trials", trials != 3), ("--naive", naive),
-                                                ("--checkpoint", bool(checkpoint))) if given]
+                                                ("--checkpoint", bool(checkpoint)), ("--precision", precision is not None),
+                                                ("--shift", bool(shift)), ("--over-training", over_training)) if given]
             if ignored:
                 raise LayerlabError(f"{', '.join(ignored)} do(es) not apply to --module (module criticality has no "
                                     "trials or reset modes); drop them or drop --module")
         if attrs is not None and not attrs.is_file():  # read only after the computation: check it now
             raise LayerlabError(f"--attrs {str(attrs)!r} does not exist; pass a CSV with a 'model' column")
+        if group_by is not None and attrs is None:
+            raise LayerlabError("--group-by names a column of --attrs; pass --attrs CSV with 'model' and that column")
+        if precision is not None and precision <= 0:
+            raise LayerlabError(f"--precision is a half-width in criticality points and must be > 0, got {precision}")
+        if over_training and run is None and not specs:
+            raise LayerlabError("--over-training analyses the checkpoints of a run; pass --run RUN_DIR")
+        from ..shift import parse_shifts
+
+        shifts = [str(s) for s in parse_shifts(_split_list(shift))]  # a typo fails now, not after an hour
 
         import pandas as pd
 
@@ -149,8 +182,10 @@ def register(app: typer.Typer) -> None:
         if not named:
             if run is None:
                 raise LayerlabError("no model given; pass SPEC... (e.g. 'timm:resnet18?num_classes=10') or --run RUN_DIR")
-            named = {run.name: _default_model(run)}
-        if baseline != "baseline" and baseline not in named:  # the default may be absent; a name given must exist
+            from ..criticality.driver import run_models
+
+            named = run_models(run)
+        if baseline != "baseline" and group_by is None and baseline not in named:  # a name given must exist
             raise LayerlabError(f"--baseline {baseline!r} is not one of the models ({', '.join(named)}); name one of them")
         picked = _split_list(layers) or None
         images_data = load_data(data, split or ("train" if module else "test"), images, seed)
@@ -164,21 +199,62 @@ def register(app: typer.Typer) -> None:
             print_frame(table[cols], "module criticality (Chatterji et al. 2020): mu = alpha^2 distance / sigma^2")
             print_frame(network_criticality(table), "network criticality: sum of mu_i")
         else:
+            extra = pd.read_csv(attrs) if attrs is not None else None
+            groups = _groups(extra, group_by) if group_by else None
             table = criticality(
                 named, images_data, layers=picked, trials=trials, mode=_split_list(mode) or "randomize", run=run,
                 checkpoint=checkpoint or None, units=units, seed=seed, batch_size=batch_size, device=device,
-                naive=naive, store=out, progress=progress, norm=norm,
+                naive=naive, store=out, progress=progress, norm=norm, precision=precision, shift=shifts[1:] or None,
+                over_training=over_training,
             )
-            paths = write_tables(table, out)
+            methods = set((groups or {}).get(m, m) for m in table["model"].unique())
+            if baseline != "baseline" and baseline not in methods:
+                raise LayerlabError(f"--baseline {baseline!r} is neither a model nor a method: {sorted(methods)}")
+            paths = write_tables(table, out, baseline=baseline, groups=groups, threshold=threshold)
             summary = summarize(table)
             if figures:
+                from ..criticality import critical_sets, differences, settling
                 from ..plots.criticality import save_all
+                from ..plots.criticality_studies import save_studies
 
-                extra = None
-                if attrs is not None:
-                    extra = pd.read_csv(attrs)
-                paths += save_all(summary, out, attrs=extra, baseline=baseline)
-            varied = summary[["mode", "epoch"]].astype(str).drop_duplicates().shape[0] > 1
-            cols = ["model", *(["mode", "epoch"] if varied else []), "label", "criticality", "std", "accuracy"]
-            print_frame(summary[cols], "layer criticality [%] (mean over trials; std ddof=1)")
+                diff = differences(table, baseline, groups=groups) if baseline in methods and len(methods) > 1 else None
+                paths += save_all(summary, out, attrs=extra, baseline=baseline, differences=diff)
+                over = over_training and summary["epoch"].dropna().nunique() > 1
+                shifted = len(shifts) > 1
+                paths += save_studies(summary, out, differences=diff,
+                                      settling=settling(summary, threshold) if over else None,
+                                      critical_sets=critical_sets(summary, threshold) if shifted else None)
+            _print_summary(summary, print_frame, over_training=over_training, shifted=len(shifts) > 1,
+                           precision=precision, threshold=threshold, n_images=len(table.attrs.get("indices", [])))
         typer.echo(f"wrote {len(paths)} files to {out}")
+
+
+def _groups(attrs: "pd.DataFrame", column: str) -> dict[str, str]:
+    """{model: method} from the --attrs column named by --group-by."""
+    if "model" not in attrs.columns or column not in attrs.columns:
+        raise LayerlabError(f"--group-by {column!r}: --attrs needs columns 'model' and {column!r}; it has "
+                            f"{', '.join(map(str, attrs.columns))}")
+    return {str(m): str(g) for m, g in zip(attrs["model"], attrs[column])}
+
+
+def _print_summary(summary: "pd.DataFrame", print_frame, *, over_training: bool, shifted: bool,
+                   precision: float | None, threshold: float, n_images: int) -> None:
+    """The summary the user reads first: per layer the criticality with its interval, and per study its verdict."""
+    from ..criticality import critical_sets, settling
+
+    varied = [c for c in ("mode", "epoch", "shift") if c in summary.columns
+              and summary[c].astype(str).nunique() > 1]
+    cols = ["model", *varied, "label", "criticality", "ci_low", "ci_high", "std",
+            *(["images"] if precision is not None else []), "accuracy"]
+    print_frame(summary[cols], "layer criticality [%] (mean over trials; 95% bootstrap interval over images and "
+                "trials; std over trials, ddof=1)")
+    if precision is not None:
+        used, fixed = int(summary["images"].sum()), n_images * len(summary)
+        typer.echo(f"adaptive sampling (+-{precision:g} points): {used} image evaluations per trial over all layers, "
+                   f"{fixed} at a fixed N = {n_images} ({fixed / max(used, 1):.1f}x fewer)")
+    if over_training and summary["epoch"].dropna().nunique() > 1:
+        cols = ["model", "label", "final", "settled_epoch", "final_criticality"]
+        print_frame(settling(summary, threshold)[cols], f"over training: where each layer settles (critical: >= {threshold:g}%)")
+    if shifted:
+        cols = ["model", "shift", "critical", "jaccard", "gained", "lost"]
+        print_frame(critical_sets(summary, threshold)[cols], f"under shift: the critical set (>= {threshold:g}%) vs clean")

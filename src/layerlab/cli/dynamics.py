@@ -2,16 +2,27 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from ._common import check_out, print_frame, set_threads
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 LAYERS_HELP = ("module paths, layer labels ('[3.1] conv2'), 'blocks' (every residual/transformer block), 'layers' "
                "(every learnable layer) or 'kind:ClassName' (every module of that class); repeatable or comma-separated")
 TOKENS_HELP = ("How a token output [N, T, D] (a ViT block) becomes CKA features: flatten (all tokens), cls (the class "
                "token, first in timm/torchvision ViTs) or mean (token average). Conv maps are unaffected.")
+
+
+NULL_HELP = ("Is each CKA above chance at your N? --null 200: CKA of 200 row-shuffled pairings (image i of one side "
+             "against a random image of the other, within each batch) shows what chance reaches; adds null_mean, "
+             "null_high (95th percentile), p_value and distinguishable (p < 0.05). No extra forward pass. 0: off.")
+BOOTSTRAP_HELP = ("--bootstrap 200: a 95% interval (ci_low, ci_high) from 200 resamples of the probe batches with "
+                  "replacement: how much the CKA would move with other images. Needs >= 2 batches (8+ is steadier: "
+                  "lower --batch-size). 0: off.")
 
 
 def _split_list(items: list[str]) -> list[str]:
@@ -37,7 +48,9 @@ def register(app: typer.Typer) -> None:
         probe_pool: int = typer.Option(2, "--probe-pool", help="Average-pool conv maps to s x s for the probes (0: flatten all)."),
         probe_iter: int = typer.Option(1000, "--probe-iter", help="Cap on a probe's L-BFGS iterations (it stops earlier once converged; a probe at the cap is recorded and warned about)."),
         regions: list[str] = typer.Option([], "--regions", help="Also plot decision regions at these epochs (comma-separated)."),
-        seed: int = typer.Option(0, help="Seed of the probe images and triplets."),
+        null: int = typer.Option(0, "--null", help=NULL_HELP),
+        bootstrap: int = typer.Option(0, "--bootstrap", help=BOOTSTRAP_HELP),
+        seed: int = typer.Option(0, help="Seed of the probe images, triplets, shuffles and resamples."),
         device: str = typer.Option("cpu", help="cpu or cuda."),
         threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
     ) -> None:
@@ -57,7 +70,8 @@ def register(app: typer.Typer) -> None:
         tables = dynamics(run, data, store=Store(out), device=device, progress=True, layers=_split_list(layers) or None,
                           epochs=[int(e) for e in _split_list(epochs)] or None, max_checkpoints=max_checkpoints,
                           images=images, batch_size=batch_size, triplets=triplets, resolution=resolution,
-                          probe_train=probe_train, probe_pool=probe_pool, probe_iter=probe_iter, seed=seed, tokens=tokens)
+                          probe_train=probe_train, probe_pool=probe_pool, probe_iter=probe_iter, seed=seed, tokens=tokens,
+                          null=null, bootstrap=bootstrap)
         fig_dir = out / "figures" / "dynamics" / run.name
         paths = save_dynamics(tables, fig_dir)
         if regions:
@@ -75,6 +89,7 @@ def register(app: typer.Typer) -> None:
             summary["probe_test_acc_last"] = last
         print_frame(summary.reset_index().rename(columns={"min": "cka_min", "mean": "cka_mean"}),
                     f"{run.name}: {cka['estimator'].iloc[0]} minibatch CKA between checkpoints (off-diagonal)")
+        _echo_chance(cka[cka["epoch_a"] < cka["epoch_b"]], "checkpoint pairs")
         typer.echo(f"figures: {', '.join(str(p) for p in paths if p.suffix == '.png')}")
         typer.echo(f"tables: layerlab results {out} --analysis dynamics-cka (also dynamics-probes, dynamics-drs, dynamics-triplets)")
 
@@ -90,7 +105,9 @@ def register(app: typer.Typer) -> None:
         images: int = typer.Option(256, "--images", "-n", help="Probe images (test split, at most its size), trimmed to whole batches."),
         batch_size: int = typer.Option(64, "--batch-size", help="Minibatch size of the unbiased CKA estimator."),
         estimator: str = typer.Option("unbiased", help="unbiased (minibatch HSIC_1) or biased (HSIC_0 per batch)."),
-        seed: int = typer.Option(0),
+        null: int = typer.Option(0, "--null", help=NULL_HELP),
+        bootstrap: int = typer.Option(0, "--bootstrap", help=BOOTSTRAP_HELP),
+        seed: int = typer.Option(0, help="Seed of the probe images, shuffles and resamples."),
         device: str = typer.Option("cpu"),
         threads: Optional[int] = typer.Option(None),
     ) -> None:
@@ -110,14 +127,29 @@ def register(app: typer.Typer) -> None:
                   "batch_size": batch_size, "estimator": estimator, "seed": seed}
         if check_tokens(tokens) != "flatten":  # only a non-default choice enters the key: earlier results stay valid
             config["tokens"] = tokens
+        config |= {k: v for k, v in (("null", null), ("bootstrap", bootstrap)) if v}  # likewise
         store = Store(out)
         key = job_key(f"{spec_a} | {spec_b}", "compare", config)
         if not store.has("compare", key):
             frame = compare(spec_a, spec_b, data, layers_a=config["layers_a"] or None, layers_b=config["layers_b"] or None,
-                            tokens=tokens, images=images, batch_size=batch_size, estimator=estimator, seed=seed, device=device)
+                            tokens=tokens, images=images, batch_size=batch_size, estimator=estimator, seed=seed, device=device,
+                            null=null, bootstrap=bootstrap)
             store.write("compare", key, frame, {"model": f"{spec_a} | {spec_b}", "config": config})
         frame = store.read_shard("compare", key)
         paths = save_figure(layer_heatmap(frame), out / "figures" / "compare", f"compare_{key}")
         wide = frame.pivot_table(index="label_a", columns="label_b", values="cka", sort=False).reset_index()
         print_frame(wide, f"{frame['estimator'].iloc[0]} minibatch CKA (rows: A, columns: B), n={int(frame['n'].iloc[0])}")
+        _echo_chance(frame, "layer pairs")
         typer.echo(f"figure: {paths[0]}")
+
+
+def _echo_chance(frame: "pd.DataFrame", what: str) -> None:
+    """One line each on the null and the interval, when the table has them."""
+    if "p_value" in frame:
+        lost = frame[~frame["distinguishable"]]
+        typer.echo(f"chance: {len(lost)} of {len(frame)} {what} indistinguishable from chance (p >= 0.05); "
+                   f"shuffled pairings reach CKA {frame['null_high'].min():.3f}-{frame['null_high'].max():.3f} "
+                   "(95th percentile)")
+    if "ci_low" in frame:
+        width = frame["ci_high"] - frame["ci_low"]
+        typer.echo(f"95% bootstrap intervals over batches: width {width.min():.3f}-{width.max():.3f}")

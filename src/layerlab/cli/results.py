@@ -19,6 +19,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Print the results table of an output folder, or query it with DuckDB SQL.
 
+        Lists the analyses' tables (their shards) and the tables derived from them beside (OUT/*.csv: summaries
+        with 95% intervals, differences to a baseline, settling epochs, critical sets under shift); each is a
+        DuckDB view of that name.
+
         Example: layerlab results demo-out --sql "SELECT model, avg(criticality) c FROM criticality GROUP BY model ORDER BY c"
         """
         from ..errors import LayerlabError
@@ -33,14 +37,23 @@ def register(app: typer.Typer) -> None:
         if sql:
             df = store.query(sql)
         elif analysis:
-            if analysis not in names:
-                raise LayerlabError(f"no {analysis!r} results in {out}; found: {', '.join(names) or 'none'}")
-            df = store.read(analysis)
+            import pandas as pd
+
+            derived = store.derived()
+            if analysis in names:
+                df = store.read(analysis)
+            elif store.sql_name(analysis) in derived:
+                df = pd.read_csv(derived[store.sql_name(analysis)])
+            else:
+                found = names + list(derived)
+                raise LayerlabError(f"no {analysis!r} results in {out}; found: {', '.join(found) or 'none'}")
         else:
             import pandas as pd
 
-            df = pd.DataFrame([{"analysis": a, "sql_view": store.sql_name(a), "shards": len(store.paths(a)),
-                                "rows": len(store.read(a))} for a in names])
+            df = pd.DataFrame([{"analysis": a, "sql_view": store.sql_name(a), "source": f"shards/{a} "
+                                f"({len(store.paths(a))} shards)", "rows": len(store.read(a))} for a in names]
+                              + [{"analysis": p.stem, "sql_view": v, "source": p.name, "rows": len(pd.read_csv(p))}
+                                 for v, p in store.derived().items()])
             if df.empty:
                 raise LayerlabError(f"{out} holds no result shards yet (looked in {out / 'shards'})")
         print_frame(df, str(out))

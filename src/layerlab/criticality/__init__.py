@@ -47,7 +47,9 @@ The package, one job per module, read top to bottom in the order the data flows:
 * :mod:`.jobs`        -- what both analyses share: store keys (:data:`ANALYSIS`, :data:`VERSION`), models, device;
 * :mod:`.driver`      -- :func:`criticality`, the analysis (Gavrikov et al. 2024; Zhang et al. 2022);
 * :mod:`.module`      -- :func:`module_criticality` (Chatterji et al. 2020);
-* :mod:`.tables`      -- the tables: summaries and the files a run writes.
+* :mod:`.intervals`   -- confidence: the bootstrap over images and trials, adaptive sampling's stopping rule;
+* :mod:`.tables`      -- the tables: summaries with intervals, differences, settling over training, critical sets
+                         under shift, and the files a run writes.
 
 The demo's side (zoo figures) lives in :mod:`layerlab.demos.criticality` and the figures in
 :mod:`layerlab.plots.criticality`; nothing here imports them. ``layerlab.criticality`` is itself callable
@@ -62,12 +64,15 @@ from .metrics import kl_divergence, layer_criticality, softmax_cosine
 from .module import SIGMA_MIN, SIGMA_RTOL, module_criticality
 from .pipeline import Pipeline, stage_decomposition
 from .references import MODES, Reference, known_run
-from .tables import average_criticality, network_criticality, summarize, write_tables
+from .tables import (
+    CRITICAL, average_criticality, critical_sets, differences, network_criticality, replicates, settling, summarize,
+    write_tables,
+)
 from .units import UNITS, Unit, units_of
 
 __all__ = [
-    "ANALYSIS", "MAX_STACK", "MODES", "MODULE_ANALYSIS", "ModelLike", "Pipeline", "Reference", "SIGMA_MIN",
-    "SIGMA_RTOL", "Trace", "UNITS", "Unit", "VERSION", "average_criticality", "criticality", "kl_divergence",
-    "known_run", "layer_criticality", "module_criticality", "network_criticality", "softmax_cosine",
+    "ANALYSIS", "CRITICAL", "MAX_STACK", "MODES", "MODULE_ANALYSIS", "ModelLike", "Pipeline", "Reference", "SIGMA_MIN",
+    "SIGMA_RTOL", "Trace", "UNITS", "Unit", "VERSION", "average_criticality", "critical_sets", "criticality", "differences", "kl_divergence",
+    "known_run", "layer_criticality", "module_criticality", "network_criticality", "replicates", "settling", "softmax_cosine",
     "stage_decomposition", "summarize", "units_of", "write_tables",
 ]

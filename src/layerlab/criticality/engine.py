@@ -13,7 +13,8 @@ import torch
 
 from ..data import Batches, ImageData, as_batches, batch_checksum, changed_between_passes, check_batch_labels
 from ..errors import DataError, NonFiniteError, check_finite
-from .metrics import _stats_update
+from .intervals import MIN_IMAGES, halfwidth
+from .metrics import _batch_stats
 from .pipeline import Pipeline
 from .references import Reference
 from .units import Unit
@@ -21,6 +22,7 @@ from .units import Unit
 __all__ = ["MAX_STACK", "Trace"]
 
 MAX_STACK = 8  # at most this many references of one unit share a pass (memory: MAX_STACK x batch)
+N_STATS = 7  # the sufficient statistics of metrics._stats_update
 
 
 @dataclass
@@ -30,7 +32,27 @@ class _Task:
     unit: Unit
     refs: list[Reference]
     overrides: list[dict[str, torch.Tensor]]  # full names, on the device
-    stats: list[torch.Tensor] = field(default_factory=list)
+    stats: list[torch.Tensor] = field(default_factory=list)  # per reference: sufficient statistics (metrics)
+    cos: list[list[torch.Tensor]] = field(default_factory=list)  # per reference: per-image cosines, batch by batch
+    active: list[bool] = field(default_factory=list)  # per reference: still taking images (adaptive sampling)
+
+    def start(self) -> None:
+        self.stats = [torch.zeros(N_STATS, dtype=torch.float64) for _ in self.refs]
+        self.cos = [[] for _ in self.refs]
+        self.active = [True for _ in self.refs]
+
+    def add(self, k: int, reference: torch.Tensor, swapped: torch.Tensor, labels: torch.Tensor,
+            precision: float | None) -> None:
+        """Reference k's statistics of one batch; with ``precision`` it stops once its interval is narrow enough."""
+        stats, cos = _batch_stats(reference, swapped, labels)
+        self.stats[k] += stats
+        self.cos[k].append(cos)
+        s = self.stats[k]
+        if precision is not None and s[5] >= MIN_IMAGES and halfwidth(float(s[0]), float(s[6]), float(s[5])) < precision:
+            self.active[k] = False
+
+    def per_image(self, k: int) -> list[float]:
+        return torch.cat(self.cos[k]).tolist() if self.cos[k] else []
 
 
 Trace = tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]  # (original logits, labels, stage inputs)
@@ -118,10 +140,17 @@ def _evaluate(
     max_bytes: int,
     on_done: Callable[[_Task, float], None],
     advance: Callable[[float], None],
+    precision: float | None = None,
 ) -> None:
-    """Fill every task's per-reference statistics, calling ``on_done(task, base_accuracy)`` as each finishes."""
+    """Fill every task's per-reference statistics, calling ``on_done(task, base_accuracy)`` as each finishes.
+
+    With ``precision`` (points) a reference stops taking images once the half-width of its interval is below it
+    (:func:`~layerlab.criticality.intervals.halfwidth`); the others go on, in smaller stacks.
+    """
     data = as_batches(data, batch_size)
     what = f"model {name!r}"
+    for task in tasks:
+        task.start()
     if naive:
         originals = []
         for x, labels in data.batches(pipe.device):
@@ -133,13 +162,13 @@ def _evaluate(
             originals.append((logits, labels))
         base = _base_accuracy(originals)
         for task in tasks:
-            for ov, ref in zip(task.overrides, task.refs):
-                acc = torch.zeros(6, dtype=torch.float64)
+            for k, (ov, ref) in enumerate(zip(task.overrides, task.refs)):
                 for (orig, labels), (x, _) in zip(originals, data.batches(pipe.device), strict=True):
+                    if not task.active[k]:
+                        break
                     out = pipe.full(pipe.input(x), ov)
                     _finite(out, name, task.unit, [ref])
-                    acc += _stats_update(orig, out, labels)
-                task.stats.append(acc)
+                    task.add(k, orig, out, labels, precision)
                 advance(1)
             on_done(task, base)
         return
@@ -150,8 +179,6 @@ def _evaluate(
     starts = {t.unit.name: min(pipe.stage_of(n) for n in t.unit.params) for t in tasks}  # type: ignore[type-var]
     split = {t.unit.name: [pipe.split(ov) for ov in t.overrides] for t in tasks}
     traces = _Traces(pipe, data, set(starts.values()), max_bytes, (logits0, y0, cache0), what, x0)
-    for task in tasks:
-        task.stats = [torch.zeros(6, dtype=torch.float64) for _ in task.refs]
     correct = labelled = 0
     total = data.known_len()
     for chunk, last in traces.chunks():
@@ -163,12 +190,14 @@ def _evaluate(
         for task in tasks:
             start = starts[task.unit.name]
             for lo, hi in _groups(task):
-                variants = split[task.unit.name][lo:hi]
                 for logits, labels, cache in chunk:
-                    out = pipe.resume(start, cache[start], variants)
-                    _finite(out, name, task.unit, task.refs[lo:hi])
-                    for k, part in enumerate(out.split(logits.shape[0])):
-                        task.stats[lo + k] += _stats_update(logits, part, labels)
+                    active = [k for k in range(lo, hi) if task.active[k]]
+                    if not active:
+                        break
+                    out = pipe.resume(start, cache[start], [split[task.unit.name][k] for k in active])
+                    _finite(out, name, task.unit, [task.refs[k] for k in active])
+                    for k, part in zip(active, out.split(logits.shape[0])):
+                        task.add(k, logits, part, labels, precision)
             advance(len(task.refs) * share)
             if last:
                 on_done(task, base)

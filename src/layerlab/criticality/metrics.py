@@ -47,7 +47,15 @@ def kl_divergence(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 
 
 def _stats_update(reference: torch.Tensor, other: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-    """One batch -> sufficient statistics [sum cos, sum agree, sum correct, n labelled, sum kl, n] (float64)."""
+    """One batch -> sufficient statistics [sum cos, sum agree, sum correct, n labelled, sum kl, n, sum cos^2]
+    (float64)."""
+    return _batch_stats(reference, other, labels)[0]
+
+
+def _batch_stats(
+    reference: torch.Tensor, other: torch.Tensor, labels: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch -> (sufficient statistics as :func:`_stats_update`, the per-image cosines [N] float64 on the CPU)."""
     cos = softmax_cosine(reference, other)
     kl = kl_divergence(reference, other)
     pred = other.argmax(dim=-1)
@@ -57,8 +65,10 @@ def _stats_update(reference: torch.Tensor, other: torch.Tensor, labels: torch.Te
     else:
         has = labels >= 0
         correct, labelled = ((pred == labels) & has).sum(), has.sum()
-    n = torch.tensor(reference.shape[0])
-    return torch.stack([cos.sum(), agree.double(), correct.double(), labelled.double(), kl.sum(), n.double()]).cpu()
+    n = torch.tensor(reference.shape[0], device=cos.device)
+    stats = torch.stack([cos.sum(), agree.double(), correct.double(), labelled.double(), kl.sum(), n.double(),
+                         (cos * cos).sum()])
+    return stats.cpu(), cos.cpu()
 
 
 def _stats_compute(stats: torch.Tensor) -> dict[str, float]:

@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
 from ..errors import LayerlabError
+from ..seeds import derive_seed
+from .intervals import (
+    LEVEL, RESAMPLES, criticality_replicates, difference_replicates, image_weights, per_image_arrays,
+    percentile_interval,
+)
 
-__all__ = ["average_criticality", "criticality_accuracy", "network_criticality", "spearman_rho", "summarize",
-           "write_tables"]
+__all__ = ["average_criticality", "criticality_accuracy", "differences", "network_criticality", "replicates",
+           "critical_sets", "settling", "spearman_rho", "summarize", "write_tables"]
+
+#: criticality (points) from which a layer counts as critical, below it auxiliary (our choice: the paper names no
+#: cut; on the demo zoo layers sit at 0-30 or 60-80, far from it)
+CRITICAL = 50.0
 
 #: training categories the paper reports the correlation without (adversarially trained models)
 ADVERSARIAL = ("adversarial",)
@@ -30,23 +40,163 @@ def _rows_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return frame[order]
 
 
-def summarize(table: pd.DataFrame) -> pd.DataFrame:
-    """Per-(model, layer, mode, epoch) summary of a per-trial table: mean criticality, std (ddof=1) and sem.
+KEYS = ("model", "layer", "label", "kind", "index", "units", "mode", "epoch", "shift")  #: a summary row's identity
 
-    ``std`` is the spread over trials (the paper's "standard error" figure); ``sem`` = std / sqrt(trials).
+
+def summarize(
+    table: pd.DataFrame, *, level: float = LEVEL, resamples: int = RESAMPLES, seed: int = 0
+) -> pd.DataFrame:
+    """Per-(model, layer, mode, epoch, shift) summary of a per-trial table: mean criticality, std over trials
+    (ddof=1; the paper's "standard error" figure), sem = std / sqrt(trials), the ``level`` bootstrap interval
+    ``ci_low``/``ci_high`` over images and trials (:mod:`.intervals`; NaN for rows stored without ``per_image``),
+    ``images`` (the most a trial used: below the data's size under adaptive sampling) and the means of the other
+    numbers.
     """
     need = {"model", "layer", "label", "criticality"}
     if missing := need - set(table.columns):
         raise LayerlabError(f"summarize: the table lacks columns {sorted(missing)}; pass the table criticality() returns")
-    keys = [c for c in ("model", "layer", "label", "kind", "index", "units", "mode", "epoch") if c in table.columns]
+    keys = [c for c in KEYS if c in table.columns]
     means = [c for c in ("similarity", "agreement", "accuracy", "kl", "base_accuracy") if c in table.columns]
     g = table.groupby(keys, dropna=False, sort=False)
     out = g["criticality"].agg(criticality="mean", std=lambda s: s.std(ddof=1), trials="count").reset_index()
+    out["sem"] = out["std"] / np.sqrt(out["trials"])
+    ci = _intervals(table, keys, level, resamples, seed)
+    out["ci_low"], out["ci_high"] = ci[:, 0], ci[:, 1]
+    if "images" in table.columns:
+        out = out.merge(g["images"].max().reset_index(), on=keys, how="left")
     if means:
         out = out.merge(g[means].mean().reset_index(), on=keys, how="left")
-    out["sem"] = out["std"] / np.sqrt(out["trials"])
-    cols = keys + ["criticality", "std", "sem", "trials"] + means
+    cols = keys + ["criticality", "std", "sem", "ci_low", "ci_high", "trials"]
+    cols += ["images"] * ("images" in table.columns) + means
     return out[cols].reset_index(drop=True)
+
+
+def replicates(
+    table: pd.DataFrame, keys: Sequence[str] | None = None, *, resamples: int = RESAMPLES, seed: int = 0
+) -> list[tuple[tuple, np.ndarray | None]]:
+    """``(group key, [resamples] bootstrap replicates of its criticality)`` for each group of per-trial rows, in
+    the table's order, all on the same image weights (paired); None for a group stored without ``per_image``."""
+    keys = list(keys or [c for c in KEYS if c in table.columns])
+    grouped = [(k if isinstance(k, tuple) else (k,), per_image_arrays(rows))
+               for k, rows in table.groupby(keys, dropna=False, sort=False)]
+    longest = max((len(a) for _, arrs in grouped if arrs for a in arrs), default=0)
+    if longest == 0:
+        return [(k, None) for k, _ in grouped]
+    weights = image_weights(longest, resamples, seed)
+    return [(k, criticality_replicates(arrs, weights, seed) if arrs else None) for k, arrs in grouped]
+
+
+def _intervals(table: pd.DataFrame, keys: list[str], level: float, resamples: int, seed: int) -> np.ndarray:
+    reps = replicates(table, keys, resamples=resamples, seed=seed)
+    return np.array([percentile_interval(r, level) if r is not None else (math.nan, math.nan) for _, r in reps],
+                    dtype=np.float64).reshape(len(reps), 2)
+
+
+def _plain(v: Any) -> Any:
+    """A key value comparable across frames (every missing value is None)."""
+    return None if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)) else v
+
+
+def differences(
+    table: pd.DataFrame,
+    baseline: str = "baseline",
+    *,
+    groups: Mapping[str, str] | None = None,
+    level: float = LEVEL,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Criticality minus the baseline's per layer (mode, epoch, shift), with a ``level`` bootstrap interval.
+
+    ``groups`` maps model -> training method: models of one method are its seeds, their criticality is averaged
+    and the seeds are resampled in the bootstrap (seed-to-seed spread widens the interval); ``baseline`` then
+    names a method. Without it every model is its own group. Both sides are bootstrapped on the same image
+    weights (paired images). Columns: model (the method), layer, label, index, mode, epoch, shift, difference,
+    ci_low, ci_high, distinguishable (the interval excludes 0), seeds.
+    """
+    need = {"model", "layer", "criticality"}
+    if missing := need - set(table.columns):
+        raise LayerlabError(f"differences: the table lacks columns {sorted(missing)}; pass the per-trial table")
+    method = {m: (groups or {}).get(m, m) for m in table["model"].unique()}
+    if baseline not in set(method.values()):
+        raise LayerlabError(f"baseline {baseline!r} is not among the models/methods: {sorted(set(method.values()))}")
+    keys = [c for c in KEYS if c in table.columns]
+    cell_cols = [c for c in keys if c != "model"]
+    means = table.groupby(keys, dropna=False, sort=False)["criticality"].mean().tolist()
+    reps = replicates(table, keys, resamples=resamples, seed=seed)
+    cells: dict[tuple, dict[str, list[tuple[float, np.ndarray | None]]]] = {}
+    for (key, rep), mean in zip(reps, means):
+        cell = tuple(_plain(v) for v in key[1:])
+        cells.setdefault(cell, {}).setdefault(method[key[0]], []).append((mean, rep))
+    rng = np.random.default_rng(derive_seed("criticality/bootstrap", seed, 2))
+    rows = []
+    for cell, by in cells.items():
+        if baseline not in by:
+            continue
+        base = by[baseline]
+        for m, seeds in by.items():
+            if m == baseline:
+                continue
+            diff = float(np.mean([v for v, _ in seeds]) - np.mean([v for v, _ in base]))
+            lo = hi = math.nan
+            if all(r is not None for _, r in seeds + base):
+                flat = {f"m{k}": r for k, (_, r) in enumerate(seeds)} | {f"b{k}": r for k, (_, r) in enumerate(base)}
+                lo, hi = percentile_interval(difference_replicates(
+                    flat, [f"b{k}" for k in range(len(base))], [f"m{k}" for k in range(len(seeds))], rng), level)
+            rows.append({"model": m, **dict(zip(cell_cols, cell)), "difference": diff, "ci_low": lo, "ci_high": hi,
+                         "distinguishable": bool(lo > 0 or hi < 0), "seeds": len(seeds)})
+    return pd.DataFrame(rows)
+
+
+def settling(summary: pd.DataFrame, threshold: float = CRITICAL) -> pd.DataFrame:
+    """Over training: per (model, layer, shift) the class it ends in (``critical`` when its criticality is at
+    least ``threshold`` points, else ``auxiliary``) and ``settled_epoch``, the first checkpoint from which it
+    never leaves that class; ``first_epoch``/``final_criticality`` beside them. Needs a summary over epochs
+    (:func:`summarize` of ``criticality(..., over_training=True)``)."""
+    need = {"model", "layer", "epoch", "criticality"}
+    if missing := need - set(summary.columns):
+        raise LayerlabError(f"settling: the summary lacks columns {sorted(missing)}; summarize an over-training table")
+    rows = summary[summary["mode"] == "randomize"] if "mode" in summary.columns else summary
+    rows = rows.dropna(subset=["epoch"])
+    keys = [c for c in ("model", "layer", "label", "index", "shift") if c in rows.columns]
+    out = []
+    for key, part in rows.groupby(keys, dropna=False, sort=False):
+        part = part.sort_values("epoch")
+        critical = (part["criticality"] >= threshold).tolist()
+        epochs = [int(e) for e in part["epoch"]]
+        settled = epochs[-1]
+        for k in range(len(critical) - 1, -1, -1):
+            if critical[k] != critical[-1]:
+                break
+            settled = epochs[k]
+        out.append({**dict(zip(keys, key if isinstance(key, tuple) else (key,))),
+                    "final": "critical" if critical[-1] else "auxiliary", "settled_epoch": settled,
+                    "first_epoch": epochs[0], "last_epoch": epochs[-1],
+                    "final_criticality": float(part["criticality"].iloc[-1]), "threshold": threshold})
+    return pd.DataFrame(out)
+
+
+def critical_sets(summary: pd.DataFrame, threshold: float = CRITICAL) -> pd.DataFrame:
+    """Under shift: per (model, mode, epoch, shift) the critical layers (criticality >= ``threshold``), how many,
+    and how far the set moved from the clean one: Jaccard similarity, layers gained and layers lost."""
+    need = {"model", "layer", "shift", "criticality"}
+    if missing := need - set(summary.columns):
+        raise LayerlabError(f"critical_sets: the summary lacks columns {sorted(missing)}; summarize a shift table")
+    keys = [c for c in ("model", "mode", "epoch") if c in summary.columns]
+    out = []
+    for key, part in summary.groupby(keys, dropna=False, sort=False):
+        sets = {s: set(p.loc[p["criticality"] >= threshold, "label" if "label" in p.columns else "layer"])
+                for s, p in part.groupby("shift", sort=False)}
+        clean = sets.get("clean")
+        for s, crit in sets.items():
+            union = (clean or set()) | crit
+            out.append({**dict(zip(keys, key if isinstance(key, tuple) else (key,))), "shift": s,
+                        "critical": len(crit),
+                        "jaccard": (len(crit & clean) / len(union) if union else 1.0) if clean is not None else math.nan,
+                        "gained": ", ".join(sorted(crit - (clean or set()))),
+                        "lost": ", ".join(sorted((clean or set()) - crit)),
+                        "layers": ", ".join(sorted(crit)), "threshold": threshold})
+    return pd.DataFrame(out)
 
 
 def average_criticality(summary: pd.DataFrame, mode: str = "randomize") -> pd.DataFrame:
@@ -64,8 +214,19 @@ def network_criticality(table: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def write_tables(table: pd.DataFrame, out: str | Path, prefix: str = "criticality") -> list[Path]:
-    """Write ``OUT/<prefix>.parquet``/``.csv`` (per trial), ``<prefix>_summary.csv`` and ``<prefix>_images.csv``.
+def write_tables(
+    table: pd.DataFrame,
+    out: str | Path,
+    prefix: str = "criticality",
+    *,
+    baseline: str | None = None,
+    groups: Mapping[str, str] | None = None,
+    threshold: float = CRITICAL,
+) -> list[Path]:
+    """Write ``OUT/<prefix>.parquet``/``.csv`` (per trial; the csv without ``per_image``), ``<prefix>_summary.csv``
+    (with intervals) and ``<prefix>_images.csv``; and where the table allows it ``<prefix>_differences.csv``
+    (to ``baseline``, a model or, with ``groups``, a method), ``<prefix>_settling.csv`` (over training) and
+    ``<prefix>_critical_sets.csv`` (under shift).
 
     For module criticality tables (``mode == 'module'``) the summary is the network criticality per model.
     """
@@ -75,17 +236,37 @@ def write_tables(table: pd.DataFrame, out: str | Path, prefix: str = "criticalit
     out.mkdir(parents=True, exist_ok=True)
     paths = [
         atomic_write(out / f"{prefix}.parquet", lambda f: table.to_parquet(f, index=False)),
-        atomic_write_text(out / f"{prefix}.csv", table.to_csv(index=False)),
+        atomic_write_text(out / f"{prefix}.csv", table.drop(columns=["per_image"], errors="ignore").to_csv(index=False)),
     ]
+
+    def csv(name: str, frame: pd.DataFrame) -> None:
+        paths.append(atomic_write_text(out / f"{prefix}_{name}.csv", frame.to_csv(index=False)))
+
     is_module = len(table) > 0 and "mode" in table.columns and bool((table["mode"] == "module").all())
     summary = network_criticality(table) if is_module else summarize(table)
-    paths.append(atomic_write_text(out / f"{prefix}_summary.csv", summary.to_csv(index=False)))
+    csv("summary", summary)
+    if not is_module and len(table):
+        methods = set((groups or {}).get(m, m) for m in table["model"].unique())
+        if baseline is not None and baseline in methods and len(methods) > 1:
+            csv("differences", differences(table, baseline, groups=groups))
+        if _over_epochs(summary):
+            csv("settling", settling(summary, threshold))
+        if "shift" in summary.columns and bool((summary["shift"] != "clean").any()):
+            csv("critical_sets", critical_sets(summary, threshold))
     indices = table.attrs.get("indices")
     if indices is not None:
         images = pd.DataFrame({"position": range(len(indices)), "index": indices})
         images["data"], images["split"] = table.attrs.get("data", ""), table.attrs.get("split", "")
-        paths.append(atomic_write_text(out / f"{prefix}_images.csv", images.to_csv(index=False)))
+        csv("images", images)
     return paths
+
+
+def _over_epochs(summary: pd.DataFrame) -> bool:
+    """Whether a summary holds randomize rows at several analysed checkpoints (criticality over training)."""
+    if not {"mode", "epoch"} <= set(summary.columns):
+        return False
+    rows = summary[summary["mode"] == "randomize"]
+    return rows["epoch"].dropna().nunique() > 1
 
 
 def criticality_accuracy(criticality: pd.DataFrame, zoo: pd.DataFrame, *, mode: str = "randomize",
@@ -102,6 +283,10 @@ def criticality_accuracy(criticality: pd.DataFrame, zoo: pd.DataFrame, *, mode: 
     if "model" not in zoo.columns or "accuracy" not in zoo.columns:
         raise LayerlabError("zoo table needs 'model' and 'accuracy' columns (as OUT/zoo/zoo.csv has)")
     rows = criticality[criticality["mode"] == mode] if "mode" in criticality.columns else criticality
+    if "shift" in rows.columns:  # the models as trained, on clean images: not under shift, not over training
+        rows = rows[rows["shift"].fillna("clean") == "clean"]
+    if "epoch" in rows.columns and mode == "randomize":
+        rows = rows[rows["epoch"].isna()]
     per_model = (rows.groupby(["model", "layer"], sort=False)["criticality"].mean()
                  .groupby(level="model", sort=False).mean().rename("mean_criticality").reset_index())
     keep = [c for c in ("model", "category", "recipe", "accuracy") if c in zoo.columns]

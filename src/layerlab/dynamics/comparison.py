@@ -14,7 +14,7 @@ from ..errors import DataError, LayerlabError
 from ..features import OUTPUT_KEY, check_tokens, layer_labels
 from ..models import load_model
 from ..runtime import eval_mode, model_device, resolve_device
-from ..similarity import CKAAccumulator
+from ..similarity import CKAAccumulator, pairwise_cka_inference
 from .views import _features, _resolve_views
 
 __all__ = ["AUTO_IMAGES", "compare"]
@@ -79,9 +79,12 @@ def compare(
     kernel: str = "linear",
     seed: int = 0,
     device: str | torch.device | None = None,
+    null: int = 0,
+    bootstrap: int = 0,
 ) -> pd.DataFrame:
     """Layer x layer CKA between two models on the same images: model_a, model_b, layer_a, label_a, layer_b,
-    label_b, cka, estimator, kernel, n, n_batches, gram_dtype, batch_size, tokens (minibatch unbiased CKA by default).
+    label_b, cka, estimator, kernel, n, n_batches, gram_dtype, batch_size, tokens (minibatch unbiased CKA by default),
+    plus null_mean, null_high, p_value, distinguishable with ``null`` and ci_low, ci_high with ``bootstrap``.
 
     Args:
         model_a, model_b: model specs (``timm:resnet18``, ``file:run/final.pt``) or any ``nn.Module`` (used where
@@ -99,6 +102,11 @@ def compare(
             ``"mean"`` (the token average). Conv maps are always flattened whole.
         estimator, kernel: of :class:`~layerlab.similarity.CKAAccumulator`.
         device: where specs are loaded (default the CPU); a module computes where it is.
+        null, bootstrap: is each similarity above chance at this N? ``null`` > 0 adds ``null_mean``, ``null_high``
+            (95th percentile of the null: what chance reaches), ``p_value`` and ``distinguishable`` (p < 0.05) from
+            that many row-shuffled pairings; ``bootstrap`` > 0 adds the 95% interval ``ci_low``, ``ci_high`` from
+            that many resamples of the batches (needs >= 2 batches). Both reuse the stored Grams: no forward pass
+            (:func:`layerlab.similarity.pairwise_cka_inference`, draws seeded by ``seed``). 0 (default): no column.
 
     Example:
         >>> net = lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
@@ -107,6 +115,7 @@ def compare(
         [('0', '0'), ('0', '3'), ('0', 'output'), ('output', '0'), ('output', '3'), ('output', 'output')]
     """
     tokens = check_tokens(tokens)
+    _check_draws(null, bootstrap, images, batch_size)
     (ma, name_a), (mb, name_b) = _compare_model(model_a, device, "model_a"), _compare_model(model_b, device, "model_b")
     va, vb = _resolve_views(ma, layers_a), _resolve_views(mb, layers_b)
     source = _probe_batches(data, images, batch_size, seed, split)
@@ -128,4 +137,28 @@ def compare(
     f.insert(f.columns.get_loc("layer_b") + 1, "label_b", f["layer_b"].map(layer_labels(mb, vb)))
     f["batch_size"] = int(ga[va[0]][0].shape[-1])
     f["tokens"] = tokens
+    if null or bootstrap:
+        stats = pairwise_cka_inference(_stacked(ga, va), _stacked(gb, vb), permutations=null, resamples=bootstrap,
+                                       seed=seed, unbiased=estimator == "unbiased")
+        for key, value in stats.items():
+            if key != "cka":  # the accumulator's value stays the table's cka
+                f[key] = value.reshape(-1)  # to_frame's rows: layer_a major, layer_b minor
     return f
+
+
+def _stacked(grams: dict[str, list[torch.Tensor]], views: list[str]) -> torch.Tensor:
+    """Per-view lists of batch Grams -> one [views, batches, b, b] stack."""
+    return torch.stack([torch.stack(grams[v]) for v in views])
+
+
+def _check_draws(null: int, bootstrap: int, images: int | str | None, batch_size: int) -> None:
+    """Refuse a bad ``null``/``bootstrap`` before any forward pass (a bootstrap needs two batches to resample)."""
+    for name, value in (("null", null), ("bootstrap", bootstrap)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise LayerlabError(f"{name}: expected a number of draws >= 0 (0: off, e.g. 200), got {value!r}")
+    if null and null < 19:
+        raise LayerlabError(f"null: with {null} shuffles the smallest p-value is 1/{null + 1}, not below 0.05; "
+                            "use at least 19 (200 is typical)")
+    if bootstrap and isinstance(images, int) and images // batch_size < 2:
+        raise LayerlabError(f"bootstrap: {images} images in batches of {batch_size} make fewer than 2 batches to "
+                            f"resample; use batch_size <= {images // 2} (8 or more batches give a steadier interval)")

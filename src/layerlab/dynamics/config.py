@@ -45,6 +45,9 @@ class DynamicsConfig:
     margin: float = 0.1
     seed: int = 0
     tables: tuple[str, ...] = ("cka", "probes", "drs")
+    null: int = 0  # CKA table: this many row-shuffled pairings per checkpoint pair -> null_mean, null_high, p_value,
+    # distinguishable (0: none; a non-zero value enters the CKA keys, 0 leaves them as published)
+    bootstrap: int = 0  # CKA table: this many resamples of the probe batches -> ci_low, ci_high (needs >= 2 batches)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.tables) - set(TABLES))
@@ -59,6 +62,12 @@ class DynamicsConfig:
             (self.probe_pool >= 0, f"probe_pool: expected a pooled size >= 1, or 0 for no pooling, got {self.probe_pool}"),
             (self.max_checkpoints is None or self.max_checkpoints >= 2,
              f"max_checkpoints: expected >= 2 (a matrix needs two checkpoints), got {self.max_checkpoints}"),
+            (self.null == 0 or self.null >= 19,
+             f"null: expected 0 (off) or >= 19 shuffles (the smallest p-value is 1/(null+1)); 200 is typical, got {self.null}"),
+            (self.bootstrap >= 0, f"bootstrap: expected 0 (off) or a number of resamples, got {self.bootstrap}"),
+            (self.bootstrap == 0 or self.batch_size < 1 or self.images // self.batch_size >= 2,
+             f"bootstrap: {self.images} images in batches of {self.batch_size} make fewer than 2 batches to resample; "
+             f"use batch_size <= {self.images // 2} (8 or more batches give a steadier interval)"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -31,7 +31,7 @@ from ..errors import LayerlabError
 from ..features import OUTPUT_KEY, layer_labels
 from ..models import num_outputs
 from ..regions import sample_triplets
-from ..similarity import CKAAccumulator
+from ..similarity import CKAAccumulator, pairwise_cka_inference
 from ..runtime import progress
 from ..store import Store, job_key
 from .config import PROBE_TOKENS, TABLES, DynamicsConfig, _config
@@ -93,6 +93,12 @@ def _cka_frame(grams: list[torch.Tensor], epochs: list[int], cfg: DynamicsConfig
     f["epoch_b"] = f["epoch_b"].astype(int)
     f["batch_size"] = int(grams[0].shape[-1])
     f["gram_dtype"] = gram_dtype
+    if cfg.null or cfg.bootstrap:  # from the same Grams: no forward pass; symmetric like the CKA matrix
+        stats = pairwise_cka_inference(torch.stack(grams), permutations=cfg.null, resamples=cfg.bootstrap,
+                                       seed=cfg.seed, unbiased=cfg.estimator == "unbiased")
+        for key, value in stats.items():
+            if key != "cka":
+                f[key] = value.reshape(-1)  # to_frame's rows: epoch_a major, epoch_b minor
     return f
 
 
@@ -141,7 +147,8 @@ def dynamics(
 
     Tables (one row per observation):
 
-    * cka: run, layer, label, epoch_a, epoch_b, cka, estimator, kernel, n, n_batches, batch_size
+    * cka: run, layer, label, epoch_a, epoch_b, cka, estimator, kernel, n, n_batches, batch_size; with ``null`` also
+      null_mean, null_high, p_value, distinguishable, with ``bootstrap`` ci_low, ci_high (see :func:`compare`)
     * probes: run, layer, label, epoch, train_acc, test_acc, dim, method, l2, n_train, n_test, probe_iterations,
       probe_converged, probe_max_iter
     * drs: run, layer, label, kind ("probe" or "network"), epoch_a, epoch_b, drs, drs_std, triplets, resolution, margin
@@ -173,8 +180,11 @@ def dynamics(
         c = cfg.to_dict()
         shared = {"layer": view, "epochs": epochs, "data": data}
         if table == "cka":
+            # so do null and bootstrap (0 adds no column)
             tokens = {"tokens": cfg.tokens} if cfg.tokens != "flatten" else {}
-            return shared | {k: c[k] for k in ("images", "batch_size", "split", "estimator", "kernel", "seed")} | tokens
+            draws = {k: c[k] for k in ("null", "bootstrap") if c[k]}
+            return (shared | {k: c[k] for k in ("images", "batch_size", "split", "estimator", "kernel", "seed")}
+                    | tokens | draws)
         probe = {k: c[k] for k in ("probe_method", "probe_l2", "probe_iter", "probe_tol", "probe_pool", "probe_train",
                                    "seed")}
         if PROBE_TOKENS[cfg.tokens] != "mean":

@@ -2,12 +2,14 @@
 
 Gavrikov, Agnihotri, Keuper, Keuper 2024 (arXiv 2410.14470): (1) :func:`heatmap` layers x models;
 (2) :func:`vs_attribute` average criticality vs a numeric training attribute (attack budget); (3) :func:`vs_accuracy`
-average criticality vs accuracy with Spearman's rho, coloured by training category; (4) :func:`diff_to_baseline`;
-(5) :func:`std_heatmap`, the spread over trials. Zhang, Bengio, Singer 2022: :func:`checkpoint_heatmap`, test error
+average criticality vs accuracy with Spearman's rho, coloured by training category; (4) :func:`diff_to_baseline`
+(with a differences table: its bootstrap intervals, a dot where one excludes 0); (5) :func:`std_heatmap`, the spread
+over trials. Zhang, Bengio, Singer 2022: :func:`checkpoint_heatmap`, test error
 after resetting each layer (or block) to fresh weights and to each checkpoint.
 
 Every function takes tables and returns a ``matplotlib.figure.Figure`` built without pyplot (no global state,
-Agg canvas); :func:`save_all` writes every figure the tables support as PNG and SVG.
+Agg canvas); :func:`save_all` writes every figure the tables support as PNG and SVG. These are figures of the clean,
+final models (:func:`clean_final`); over training and under shift see :mod:`.criticality_studies`.
 """
 from __future__ import annotations
 
@@ -21,20 +23,32 @@ from matplotlib.figure import Figure
 
 from ..criticality import average_criticality
 from ..criticality.tables import spearman_rho
-from . import save_figure
 from ..errors import LayerlabError
+from . import save_figure
 
 _CATEGORY_COLOURS = (
     "#4477AA", "#EE6677", "#228833", "#CCBB44", "#66CCEE", "#AA3377", "#BBBBBB", "#000000", "#EE7733", "#009988",
 )
 
 
-def _need(frame: pd.DataFrame, columns: Sequence[str], what: str) -> None:
+_SUMMARY_HINT = "pass the summary from layerlab.criticality.summarize(table) or DIR/criticality_summary.csv"
+
+
+def _need(frame: pd.DataFrame, columns: Sequence[str], what: str, hint: str = _SUMMARY_HINT) -> None:
     if missing := [c for c in columns if c not in frame.columns]:
-        raise LayerlabError(
-            f"{what}: the table lacks columns {missing} (has {list(frame.columns)}); pass the summary from "
-            "layerlab.criticality.summarize(table) or DIR/criticality_summary.csv"
-        )
+        raise LayerlabError(f"{what}: the table lacks columns {missing} (has {list(frame.columns)}); {hint}")
+
+
+def clean_final(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows about the clean, final models: shift ``clean`` and no analysed epoch in randomize mode (rows over
+    training and under shift have their own figures in :mod:`.criticality_studies`). Tables without a ``shift`` or
+    ``epoch`` column pass whole."""
+    keep = pd.Series(True, index=frame.index)
+    if "shift" in frame.columns:
+        keep &= frame["shift"].fillna("clean").eq("clean")
+    if {"mode", "epoch"} <= set(frame.columns):
+        keep &= ~(frame["mode"].eq("randomize") & frame["epoch"].notna())
+    return frame[keep]
 
 
 def _mode_rows(summary: pd.DataFrame, mode: str) -> pd.DataFrame:
@@ -55,10 +69,22 @@ def layer_matrix(
     order = list(dict.fromkeys(rows["model"])) if models is None else list(models)
     if unknown := [m for m in order if m not in set(rows["model"])]:
         raise LayerlabError(f"models {unknown} are not in the summary; it has {sorted(set(rows['model']))}")
+    return layer_pivot(rows, "model", value, order)
+
+
+def layer_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """``layer`` and ``label`` of each layer once, in forward (``index``) order; label = layer where absent."""
     sort = ["index", "layer"] if "index" in rows.columns else ["layer"]
-    layers = rows.sort_values(sort, kind="stable").drop_duplicates("layer")[["layer", "label"]]
-    matrix = rows.pivot_table(index="layer", columns="model", values=value, aggfunc="mean", dropna=False)
-    matrix = matrix.reindex(index=layers["layer"], columns=order)
+    layers = rows.sort_values(sort, kind="stable").drop_duplicates("layer")
+    return pd.DataFrame({"layer": layers["layer"].tolist(),
+                         "label": (layers["label"] if "label" in layers.columns else layers["layer"]).tolist()})
+
+
+def layer_pivot(rows: pd.DataFrame, column: str, value: str, order: Sequence) -> pd.DataFrame:
+    """Layers (rows, forward order, labelled) x ``column`` values in ``order``: the mean ``value`` per cell."""
+    layers = layer_rows(rows)
+    matrix = rows.pivot_table(index="layer", columns=column, values=value, aggfunc="mean", dropna=False)
+    matrix = matrix.reindex(index=layers["layer"], columns=list(order))
     matrix.index = pd.Index(layers["label"].tolist(), name="layer")
     return matrix
 
@@ -68,24 +94,37 @@ def _short(name: str, width: int = 24) -> str:
     return name if len(name) <= width else name[: width // 2 - 1] + "..." + name[-(width // 2 - 2):]
 
 
-def _draw_matrix(
-    matrix: pd.DataFrame, title: str, cbar: str, *, cmap: str, vmin: float | None, vmax: float | None, fmt: str = "{:.0f}"
-) -> Figure:
+def draw_panel(
+    ax, matrix: pd.DataFrame, *, cmap: str, vmin: float | None, vmax: float | None, fmt: str = "{:.0f}",
+    xlabels: Sequence[str] | None = None, rotation: float = 60,
+):
+    """One heatmap panel on ``ax``: the cells coloured, valued (when few enough) and the axes ticked with the
+    matrix's labels (columns shortened unless ``xlabels`` are given); returns the image for a colour bar."""
     rows, cols = matrix.shape
-    fig = Figure(figsize=(max(4.5, 0.55 * cols + 3.2), max(3.0, 0.26 * rows + 1.6)), layout="constrained")
-    ax = fig.add_subplot()
     values = matrix.to_numpy(dtype=float)
     im = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
-    ax.set_xticks(range(cols), [_short(str(c)) for c in matrix.columns], rotation=60, ha="right", fontsize=8)
+    xlabels = [_short(str(c)) for c in matrix.columns] if xlabels is None else list(xlabels)
+    ax.set_xticks(range(cols), xlabels, rotation=rotation, ha="right" if rotation else "center", fontsize=8)
     ax.set_yticks(range(rows), [str(r) for r in matrix.index], fontsize=7)
-    ax.set_title(title, fontsize=10)
-    fig.colorbar(im, ax=ax, label=cbar, shrink=0.8)
     if rows * cols <= 600:
         for (i, j), v in np.ndenumerate(values):
             if math.isfinite(v):
                 r, g, b, _ = im.cmap(im.norm(v))
                 dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5  # text colour from the cell's luminance
                 ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=6, color="white" if dark else "black")
+    return im
+
+
+def _draw_matrix(
+    matrix: pd.DataFrame, title: str, cbar: str, *, cmap: str, vmin: float | None, vmax: float | None,
+    fmt: str = "{:.0f}", xlabels: Sequence[str] | None = None,
+) -> Figure:
+    rows, cols = matrix.shape
+    fig = Figure(figsize=(max(4.5, 0.55 * cols + 3.2), max(3.0, 0.26 * rows + 1.6)), layout="constrained")
+    ax = fig.add_subplot()
+    im = draw_panel(ax, matrix, cmap=cmap, vmin=vmin, vmax=vmax, fmt=fmt, xlabels=xlabels)
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, label=cbar, shrink=0.8)
     return fig
 
 
@@ -110,9 +149,16 @@ def std_heatmap(
 
 def diff_to_baseline(
     summary: pd.DataFrame, baseline: str = "baseline", *, mode: str = "randomize", models: Sequence[str] | None = None,
-    title: str | None = None,
+    title: str | None = None, differences: pd.DataFrame | None = None,
 ) -> Figure:
-    """Fig. 4: criticality minus the baseline model's, per layer (blue: less critical, red: more)."""
+    """Fig. 4: criticality minus the baseline model's, per layer (blue: less critical, red: more).
+
+    With ``differences`` (:func:`layerlab.criticality.differences`) the cells are its differences (clean, final
+    models), a dot marks each cell whose 95 % interval excludes 0, and a method averaged over several seeds says
+    so in its column label; without it, the summary's criticality minus the baseline's.
+    """
+    if differences is not None:
+        return _marked_diff(differences, baseline, mode=mode, models=models, title=title)
     matrix = layer_matrix(summary, "criticality", mode=mode, models=models)
     if baseline not in matrix.columns:
         full = layer_matrix(summary, "criticality", mode=mode)
@@ -127,6 +173,39 @@ def diff_to_baseline(
     lim = max(lim, 1e-9)
     return _draw_matrix(diff, title or f"Criticality minus {baseline!r}", "difference [% points]", cmap="RdBu_r",
                         vmin=-lim, vmax=lim, fmt="{:+.0f}")
+
+
+def _marked_diff(
+    differences: pd.DataFrame, baseline: str, *, mode: str, models: Sequence[str] | None, title: str | None
+) -> Figure:
+    """The difference figure drawn from a differences table, distinguishable cells dotted."""
+    _need(differences, ["model", "layer", "difference", "distinguishable"], "diff_to_baseline differences",
+          "pass the table layerlab.criticality.differences(table, baseline) returns or DIR/criticality_differences.csv")
+    rows = _final_diff(differences, mode)
+    if rows.empty:
+        raise LayerlabError(f"diff_to_baseline: the differences hold no clean final-model rows of mode {mode!r} "
+                            "(shift 'clean', no analysed epoch); compute them from a table that has such rows")
+    present = list(dict.fromkeys(rows["model"]))
+    order = present if models is None else [m for m in models if m != baseline]
+    if unknown := [m for m in order if m not in present]:
+        raise LayerlabError(f"models {unknown} are not in the differences; they have {present}")
+    rows = rows.assign(_marked=rows["distinguishable"].astype(bool).astype(float))
+    diff = layer_pivot(rows, "model", "difference", order)
+    marked = layer_pivot(rows, "model", "_marked", order).to_numpy(dtype=float) > 0.5
+    seeds = rows.groupby("model")["seeds"].max() if "seeds" in rows.columns else pd.Series(dtype=float)
+    labels = [_short(str(m)) + (f" ({int(seeds[m])} seeds)" if seeds.get(m, 1) > 1 else "") for m in order]
+    finite = diff.to_numpy(dtype=float)
+    lim = max(float(np.nanmax(np.abs(finite))) if np.isfinite(finite).any() else 1.0, 1e-9)
+    has_ci = "ci_low" in rows.columns and bool(rows["ci_low"].notna().any())
+    caption = (f"\u2022: 95 % interval excludes 0 ({int(marked.sum())} of {int(np.isfinite(finite).sum())} cells)"
+               if has_ci else "no intervals (table stored without per-image values)")
+    fig = _draw_matrix(diff, (title or f"Criticality minus {baseline!r}") + "\n" + caption, "difference [% points]",
+                       cmap="RdBu_r", vmin=-lim, vmax=lim, fmt="{:+.0f}", xlabels=labels)
+    i, j = np.nonzero(marked)
+    if len(i):  # a dot in the cell's upper right corner, clear of its value
+        fig.axes[0].scatter(j + 0.32, i - 0.28, s=10, c="black", edgecolors="white", linewidths=0.6, zorder=3,
+                            gid="distinguishable")
+    return fig
 
 
 def _with_attrs(summary: pd.DataFrame, attrs: pd.DataFrame | None, mode: str) -> pd.DataFrame:
@@ -277,6 +356,11 @@ def checkpoint_heatmap(summary: pd.DataFrame, model: str | None = None, *, title
                         vmin=0, vmax=100)
 
 
+def file_suffix(model: str) -> str:
+    """``_<model>`` with every character but letters and digits as ``_``: one file per model in a folder."""
+    return "_" + "".join(ch if ch.isalnum() else "_" for ch in model)
+
+
 def save_all(
     summary: pd.DataFrame,
     out_dir: str | Path,
@@ -285,21 +369,31 @@ def save_all(
     baseline: str = "baseline",
     attribute: str = "budget",
     formats: Sequence[str] = ("png", "svg"),
+    differences: pd.DataFrame | None = None,
 ) -> list[Path]:
     """Every figure the tables support, as ``out_dir/criticality_<figure>.<fmt>``; returns the paths written.
 
     Heatmap and std heatmap always (given randomize rows); the difference figure when ``baseline`` is a model
-    and there is another; vs-attribute when ``attrs`` gives some model a numeric ``attribute``; vs-accuracy with
-    at least two models; the checkpoint heatmap for every model with checkpoint rows.
+    and there is another, or when ``differences`` (:func:`layerlab.criticality.differences`, then with its
+    intervals) holds clean final-model rows; vs-attribute when ``attrs`` gives some model a numeric
+    ``attribute``; vs-accuracy with at least two models; the checkpoint heatmap for every model with checkpoint
+    rows. These figures are of the clean, final models: rows under shift or over training are left to
+    :func:`layerlab.plots.criticality_studies.save_studies`.
     """
     out_dir = Path(out_dir)
     paths: list[Path] = []
+    summary = clean_final(summary)
+    if summary.empty:
+        return paths
     modes = set(summary["mode"]) if "mode" in summary.columns else {"randomize"}
     models = list(dict.fromkeys(summary["model"]))
     if "randomize" in modes:
         paths += save_figure(heatmap(summary), out_dir / "criticality_heatmap", formats)
         paths += save_figure(std_heatmap(summary), out_dir / "criticality_std", formats)
-        if baseline in models and len(models) > 1:
+        if differences is not None and len(_final_diff(differences)):
+            fig = diff_to_baseline(summary, baseline, differences=differences)
+            paths += save_figure(fig, out_dir / "criticality_diff", formats)
+        elif baseline in models and len(models) > 1:
             paths += save_figure(diff_to_baseline(summary, baseline), out_dir / "criticality_diff", formats)
         if attrs is not None and attribute in attrs.columns:
             numeric = pd.to_numeric(attrs.loc[attrs["model"].isin(models), attribute], errors="coerce")
@@ -312,7 +406,13 @@ def save_all(
         for m in models:
             rows = summary[summary["model"] == m]
             if rows["mode"].isin(["reinit", "checkpoint"]).any():
-                suffix = "" if len(models) == 1 else "_" + "".join(ch if ch.isalnum() else "_" for ch in m)
+                suffix = "" if len(models) == 1 else file_suffix(m)
                 fig = checkpoint_heatmap(summary, m)
                 paths += save_figure(fig, out_dir / f"criticality_checkpoints{suffix}", formats)
     return paths
+
+
+def _final_diff(differences: pd.DataFrame, mode: str = "randomize") -> pd.DataFrame:
+    """The ``mode`` rows of a differences table about the clean, final models."""
+    rows = clean_final(differences)
+    return rows[rows["mode"] == mode] if "mode" in rows.columns else rows

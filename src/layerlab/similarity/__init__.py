@@ -30,8 +30,12 @@ Return types: scalar functions (``linear_cka``, ``rbf_cka``, ``hsic_*``, ``cka_f
 ``float`` and are not differentiable; ``gram_*`` return float64 tensors; ``CKAAccumulator.compute`` returns a
 float64 CPU tensor. A representation with zero variance gives CKA = NaN (0 / 0), as in Kornblith et al.'s code.
 
-Modules: :mod:`~layerlab.similarity.cka` (the pure functions) and :mod:`~layerlab.similarity.accumulator`
-(:class:`CKAAccumulator`, streamed over batches). Every public name is importable from ``layerlab.similarity``.
+Is a value above chance? :mod:`~layerlab.similarity.inference` computes a permutation null (CKA of row-shuffled
+pairings) and a batch bootstrap interval from the per-batch Grams, with no new forward pass.
+
+Modules: :mod:`~layerlab.similarity.cka` (the pure functions), :mod:`~layerlab.similarity.accumulator`
+(:class:`CKAAccumulator`, streamed over batches) and :mod:`~layerlab.similarity.inference` (null and interval).
+Every public name is importable from ``layerlab.similarity``.
 """
 from __future__ import annotations
 
@@ -39,14 +43,23 @@ from .accumulator import CKAAccumulator
 from .accumulator import TensorGroup  # noqa: F401  (type aliases, importable as before)
 from .cka import Estimator, Kernel  # noqa: F401
 from .cka import cka_from_grams, gram_linear, gram_rbf, hsic_biased, hsic_unbiased, linear_cka, rbf_cka
+from .inference import (
+    bootstrap_indices, cka_bootstrap, cka_inference, cka_permutation_null, pairwise_cka_inference, permutation_indices,
+)
 
 __all__ = [
     "CKAAccumulator",
+    "bootstrap_indices",
+    "cka_bootstrap",
     "cka_from_grams",
+    "cka_inference",
+    "cka_permutation_null",
     "gram_linear",
     "gram_rbf",
     "hsic_biased",
     "hsic_unbiased",
     "linear_cka",
+    "pairwise_cka_inference",
+    "permutation_indices",
     "rbf_cka",
 ]

@@ -227,8 +227,11 @@ def _hsic_update(
 
 
 def _cka_compute(hsic_ab: torch.Tensor, hsic_aa: torch.Tensor, hsic_bb: torch.Tensor) -> torch.Tensor:
-    """CKA_ij = HSIC_ab[i, j] / sqrt(HSIC_aa[i] HSIC_bb[j]); NaN where a representation has zero variance."""
-    denom = torch.sqrt(hsic_aa[:, None].clamp_min(0.0) * hsic_bb[None, :].clamp_min(0.0))
+    """CKA_ij = HSIC_ab[i, j] / sqrt(HSIC_aa[i] HSIC_bb[j]); NaN where a representation has zero variance.
+
+    Leading dimensions broadcast (HSIC_ab [..., La, Lb], HSIC_aa [..., La], HSIC_bb [..., Lb]), so a stack of
+    resampled sums is turned into CKA in one call."""
+    denom = torch.sqrt(hsic_aa[..., :, None].clamp_min(0.0) * hsic_bb[..., None, :].clamp_min(0.0))
     out = hsic_ab / denom
     return torch.where(denom > 0, out, torch.full_like(out, float("nan")))
 

@@ -1,0 +1,79 @@
+"""Adaptive sampling (``--precision P``) against the fixed-N study at the same precision, on the demo zoo.
+
+fixed:    every (model, layer, trial) evaluates all N images (the paper's protocol; N = the whole digits test split);
+adaptive: a (model, layer, trial) stops once the half-width of its 95 % interval over images is below P points
+          (layerlab.criticality.intervals.halfwidth), checked after every batch of ``--adaptive-batch`` images.
+
+"At the same precision": the fixed study needs, for its worst (layer, trial), the most images any adaptive row
+used (capped at N), so its forwards are that N times the rows. Both runs are timed side by side in one process on
+the same trained models, and the largest difference between their per-(model, layer) estimates is printed next
+to P. Forwards count the re-run suffix passes of swapped models, in images (the original forward, once per image,
+is the same in both).
+
+    python benchmarks/criticality_adaptive.py                          # the demo zoo (trained if absent), P = 1
+    python benchmarks/criticality_adaptive.py --zoo layerlab-demo/zoo --precision 0.5 --threads 1
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from layerlab.criticality import criticality, summarize
+
+
+def _zoo(path: Path) -> dict[str, str]:
+    found = [d for d in path.iterdir() if (d / "final.pt").exists()] if path.is_dir() else []
+    if not found:
+        from layerlab.train import load_zoo, train_zoo
+
+        print(f"training the demo zoo into {path} (about 90 s on 2 cores) ...", flush=True)
+        train_zoo(load_zoo("demo"), path, progress=False)
+    return {d.name: f"file:{d / 'final.pt'}" for d in sorted(path.iterdir()) if (d / "final.pt").exists()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--zoo", type=Path, default=Path("layerlab-demo/zoo"), help="a trained zoo (<model>/final.pt)")
+    ap.add_argument("--precision", type=float, default=1.0, help="target half-width in criticality points")
+    ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--adaptive-batch", type=int, default=32, help="images per check of the stopping rule")
+    ap.add_argument("--batch-size", type=int, default=128, help="the fixed study's batch")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    models = _zoo(args.zoo)
+    opts = dict(data="digits", split="test", trials=args.trials)
+    t0 = time.perf_counter()
+    fixed = criticality(models, batch_size=args.batch_size, **opts)
+    t_fixed = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    adaptive = criticality(models, batch_size=args.adaptive_batch, precision=args.precision, **opts)
+    t_adaptive = time.perf_counter() - t0
+
+    n = int(fixed["images"].max())
+    rows = len(adaptive)
+    used = int(adaptive["images"].sum())
+    needed = min(n, int(adaptive["images"].max()))
+    reached = adaptive["images"] < n
+    sf, sa = summarize(fixed), summarize(adaptive)
+    diff = (sf["criticality"] - sa["criticality"]).abs()
+    print(f"demo zoo: {len(models)} models, {rows // args.trials // len(models)} layers, T={args.trials}, N={n} digits "
+          f"test images, P={args.precision:g} points; load average {os.getloadavg()[0]:.2f}, {args.threads} thread(s)")
+    print(f"rows that reached +-{args.precision:g} before N: {int(reached.sum())} of {rows} "
+          f"(the others used all {n} images)")
+    print(f"forwards (suffix passes, images): fixed N={n} {n * rows}, fixed at the same precision N={needed} "
+          f"{needed * rows}, adaptive {used}; ratio {needed * rows / used:.2f}x (vs N={n}: {n * rows / used:.2f}x)")
+    print(f"wall time: fixed {t_fixed:.1f} s, adaptive {t_adaptive:.1f} s; ratio {t_fixed / t_adaptive:.2f}x")
+    print(f"largest |fixed - adaptive| per (model, layer): {diff.max():.2f} points (median {diff.median():.3f}); "
+          f"largest fixed-N half-width: {((sf['ci_high'] - sf['ci_low']) / 2).max():.2f} points")
+    per_layer = adaptive.groupby("label", sort=False)["images"].mean().round(0).astype(int)
+    print("mean images per layer (adaptive):", ", ".join(f"{k} {v}" for k, v in per_layer.items()))
+
+
+if __name__ == "__main__":
+    main()
