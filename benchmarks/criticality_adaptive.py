@@ -12,6 +12,7 @@ is the same in both).
 
     python benchmarks/criticality_adaptive.py                          # the demo zoo (trained if absent), P = 1
     python benchmarks/criticality_adaptive.py --zoo layerlab-demo/zoo --precision 0.5 --threads 1
+    python benchmarks/criticality_adaptive.py --split train             # 1,433 images: the models' training set
 """
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from layerlab.criticality import criticality, summarize
+from layerlab.criticality.intervals import MIN_IMAGES, Z95
 
 
 def _zoo(path: Path) -> dict[str, str]:
@@ -38,6 +41,8 @@ def _zoo(path: Path) -> dict[str, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--zoo", type=Path, default=Path("layerlab-demo/zoo"), help="a trained zoo (<model>/final.pt)")
+    ap.add_argument("--split", default="test", help="digits split: test (364 images) or train (1,433: more room "
+                    "for adaptive sampling to stop early)")
     ap.add_argument("--precision", type=float, default=1.0, help="target half-width in criticality points")
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--adaptive-batch", type=int, default=32, help="images per check of the stopping rule")
@@ -47,7 +52,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     models = _zoo(args.zoo)
-    opts = dict(data="digits", split="test", trials=args.trials)
+    opts = dict(data="digits", split=args.split, trials=args.trials)
     t0 = time.perf_counter()
     fixed = criticality(models, batch_size=args.batch_size, **opts)
     t_fixed = time.perf_counter() - t0
@@ -63,7 +68,7 @@ def main() -> None:
     sf, sa = summarize(fixed), summarize(adaptive)
     diff = (sf["criticality"] - sa["criticality"]).abs()
     print(f"demo zoo: {len(models)} models, {rows // args.trials // len(models)} layers, T={args.trials}, N={n} digits "
-          f"test images, P={args.precision:g} points; load average {os.getloadavg()[0]:.2f}, {args.threads} thread(s)")
+          f"{args.split} images, P={args.precision:g} points; load average {os.getloadavg()[0]:.2f}, {args.threads} thread(s)")
     print(f"rows that reached +-{args.precision:g} before N: {int(reached.sum())} of {rows} "
           f"(the others used all {n} images)")
     print(f"forwards (suffix passes, images): fixed N={n} {n * rows}, fixed at the same precision N={needed} "
@@ -71,6 +76,13 @@ def main() -> None:
     print(f"wall time: fixed {t_fixed:.1f} s, adaptive {t_adaptive:.1f} s; ratio {t_fixed / t_adaptive:.2f}x")
     print(f"largest |fixed - adaptive| per (model, layer): {diff.max():.2f} points (median {diff.median():.3f}); "
           f"largest fixed-N half-width: {((sf['ci_high'] - sf['ci_low']) / 2).max():.2f} points")
+    # Projection (not a measurement): with a larger evaluation set, the images each row needs for +-P from its
+    # per-image spread measured here, n_r = (100 * 1.96 * sd_r / P)^2; a fixed study needs the largest n_r for all.
+    sd = fixed["per_image"].map(lambda v: float(np.std(v, ddof=1)))
+    need = np.maximum(MIN_IMAGES, np.ceil((100 * Z95 * sd / args.precision) ** 2)).astype(int)
+    print(f"projected with enough images for every row: fixed N={need.max()} x {rows} rows, adaptive "
+          f"{int(need.sum())} images; ratio {need.max() * rows / need.sum():.1f}x "
+          f"(rows needing <= {n} images: {int((need <= n).sum())} of {rows})")
     per_layer = adaptive.groupby("label", sort=False)["images"].mean().round(0).astype(int)
     print("mean images per layer (adaptive):", ", ".join(f"{k} {v}" for k, v in per_layer.items()))
 

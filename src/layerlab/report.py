@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from .errors import LayerlabError
 from .registry import Registry
-from .store import Store, atomic_write_text, versions
+from .store import Store, atomic_write_text, read_shards, versions
 
 __all__ = ["SUMMARIES", "ReportData", "collect", "criticality_accuracy", "render", "summary", "write_report"]
 
@@ -151,6 +151,10 @@ def _shard_rows(store: Store, paths: list[Path]) -> tuple[pd.DataFrame, pd.DataF
 
 
 def _read_table(paths: list[Path]) -> pd.DataFrame:
+    try:
+        return read_shards(paths)
+    except Exception:  # an unreadable file among them (listed among the shards): read the others one by one
+        pass
     frames = []
     for p in paths:
         try:

@@ -118,10 +118,7 @@ class Store:
 
     def read(self, analysis: str) -> pd.DataFrame:
         """All shards of one analysis as one table (empty frame when there are none)."""
-        paths = self.paths(analysis)
-        if not paths:
-            return pd.DataFrame()
-        return pd.concat([pq.read_table(p).to_pandas() for p in paths], ignore_index=True)
+        return read_shards(self.paths(analysis))
 
     @staticmethod
     def sql_name(analysis: str) -> str:
@@ -158,6 +155,18 @@ class Store:
             ) from None
         finally:
             con.close()
+
+
+def read_shards(paths: list[Path]) -> pd.DataFrame:
+    """Parquet shards as one table, read as one Arrow dataset (thousands of shards in a second, not one by one);
+    shards written before a column existed get it as missing values (their schemas are unified)."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    if not paths:
+        return pd.DataFrame()
+    schema = pa.unify_schemas([pq.read_schema(p) for p in paths], promote_options="permissive")
+    return ds.dataset([str(p) for p in paths], schema=schema, format="parquet").to_table().to_pandas()
 
 
 def versions() -> dict[str, str]:

@@ -97,6 +97,8 @@ def print_frame(df: pd.DataFrame, title: str = "", max_rows: int = 60) -> None:
 
 def _cell(v: object) -> str:
     """One printed cell: floats to 4 significant digits, a list (per-image values) by its length."""
+    if v is None or v is pd.NA or (isinstance(v, float) and v != v):
+        return ""  # a missing value (an empty CSV field, a NaN): blank, not "nan"
     if isinstance(v, float):
         return f"{v:.4g}"
     if hasattr(v, "__len__") and not isinstance(v, str):

@@ -21,7 +21,8 @@ __all__ = ["DEMO_OPTIONS", "demo_layers", "dynamics_step"]
 
 #: analysis settings of the demo step: small enough for a 2-core CPU, the same code path as the full study
 DEMO_OPTIONS: dict[str, Any] = {"images": 256, "batch_size": 64, "triplets": 16, "resolution": 20,
-                                "probe_train": 500}  # probes: the library's L-BFGS defaults (run to convergence)
+                                "probe_train": 500,  # probes: the library's L-BFGS defaults (run to convergence)
+                                "null": 200, "bootstrap": 200}  # CKA: chance level and 95% interval per pair
 
 
 def demo_layers(model: nn.Module, count: int = 4) -> list[str]:
@@ -74,6 +75,11 @@ def dynamics_step(ctx: DemoContext) -> None:
     summary = off.pivot_table(index="run", columns="label", values="cka", sort=False)
     print("CKA(first checkpoint, last checkpoint) per layer (unbiased minibatch, linear):")
     print(summary.to_string(float_format=lambda v: f"{v:.2f}"))
+    pairs = cka[cka["epoch_a"] < cka["epoch_b"]]
+    print(f"checkpoint pairs whose CKA is indistinguishable from chance (200 row shuffles, p >= 0.05): "
+          f"{int((~pairs['distinguishable'].astype(bool)).sum())} of {len(pairs)}; chance reaches "
+          f"{pairs['null_high'].min():.2f}-{pairs['null_high'].max():.2f} at these 256 images; 95% intervals "
+          f"(batches resampled) {(pairs['ci_high'] - pairs['ci_low']).median():.2f} wide in the median")
     fits = fit_summary(tables["training"], {e.name: [c for c, _ in runs.checkpoints(zoo_dir / e.name)]
                                              for e in zoo.entries})
     print("the fit (first epoch of 100% training accuracy on the labels trained with) and what follows it:")
