@@ -5,6 +5,11 @@ Vanilla vs TrAct (first layer, lambda=0.1), SGD and Adam, several epoch budgets 
 vanilla's best. Runs are resumable training-lab runs under --out.
 
     python benchmarks/tract_epochs.py --out /tmp/tract-epochs --budgets 1 2 4 8 --seeds 0 1 2 --train-n 500
+
+A second table re-scores the same final weights with BatchNorm statistics recomputed on the training subset
+(``tract_study.bn_recalibrated``): the training lab's running averages lag the weights after a short budget.
+``--trace adam vanilla 2 0`` instead retrains one cell (optimizer, method, epochs, seed) in memory and prints,
+every 4 steps, the test accuracy with running vs recomputed BN statistics.
 """
 from __future__ import annotations
 
@@ -13,7 +18,77 @@ import time
 
 import torch
 
+import pandas as pd
+from torch import nn
+
 from layerlab import tract_study
+from layerlab.data import load_data, to_unit_float
+from layerlab.models import load_model
+from layerlab.train import evaluate, recipe
+
+
+def _table(summary) -> str:
+    """optimizer x budget rows, vanilla/tract columns of 'mean +- std'."""
+    cell = summary["mean"].map("{:.3f}".format) + " +- " + summary["std"].map("{:.3f}".format)
+    return summary.assign(cell=cell).pivot(index=["optimizer", "budget"], columns="method", values="cell").to_string()
+
+
+def bn_trace(optimizer: str, budget: int, seed: int, *, arch: str = tract_study.DEMO_ARCH, data: str = "digits",
+             train_n: int | None = None, batch_size: int = 32, lam: float = 0.0, every: int = 4) -> pd.DataFrame:
+    """Every ``every`` steps of one run of the grid (CPU, not saved): the lr, the last batch's loss, the test
+    accuracy with BN running statistics (as the training lab scores it) and with BN statistics recomputed on the
+    training subset (a copy), and the worst BN layer's ``running_var / population var`` (median over channels).
+
+    A diagnostic (kept here, not in the library): mirrors :func:`layerlab.train.train` step for step (same init, order, optimiser and schedule; no
+    augmentation, as the grid's recipes), so its last ``test_acc`` is the run's final test accuracy.
+    """
+    import copy
+    import math
+
+    import torch.nn.functional as F
+
+    from layerlab.seeds import derive_seed, generator, global_seed
+    from layerlab.train.loop import _lr_lambda, _optimizer
+
+    train_set, test_set = load_data(data, "train", images=train_n, seed=seed), load_data(data, "test")
+    r = recipe(tract_study.OPTIMIZER_RECIPES[optimizer], epochs=budget, batch_size=batch_size, tract=lam)
+    if r.augment != "none" or r.mixup or r.cutmix or r.adversarial or r.label_noise or r.ema:
+        raise ValueError(f"bn_trace mirrors plain recipes only; {r.name!r} is not one")
+    with global_seed("train/init", seed):
+        model = load_model(arch, num_classes=train_set.num_classes)
+    torch.manual_seed(derive_seed("train/augment", seed))
+    if lam > 0:
+        from layerlab.tract import apply as apply_tract
+
+        apply_tract(model, lam=lam)
+    steps = math.ceil(len(train_set) / batch_size)
+    opt = _optimizer(model, r)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(r, steps))
+    order_rng = generator("train/order", seed)
+    x_train = to_unit_float(train_set.images)
+    rows, step = [], 0
+    for _ in range(budget):
+        order = torch.randperm(len(train_set), generator=order_rng)
+        for b in range(steps):
+            model.train()
+            idx = order[b * batch_size : (b + 1) * batch_size]
+            loss = F.cross_entropy(model(x_train[idx]), train_set.labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            if step % every and step != budget * steps:
+                continue
+            _, acc = evaluate(model, test_set)
+            calibrated = tract_study.recalibrate_bn(copy.deepcopy(model), x_train)
+            _, acc_bn = evaluate(calibrated, test_set)
+            ratio = max(float((a.running_var / c.running_var).median())
+                        for a, c in zip(model.modules(), calibrated.modules())
+                        if isinstance(a, nn.modules.batchnorm._BatchNorm))
+            rows.append({"step": step, "epoch": step / steps, "lr": opt.param_groups[0]["lr"],
+                         "batch_loss": loss.item(), "test_acc": acc, "test_acc_bn": acc_bn, "worst_var_ratio": ratio})
+    return pd.DataFrame(rows)
 
 
 def main() -> None:
@@ -28,8 +103,18 @@ def main() -> None:
     ap.add_argument("--lam", type=float, default=0.1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--trace", nargs=4, metavar=("OPTIMIZER", "METHOD", "EPOCHS", "SEED"),
+                    help="per-step BatchNorm trace of one cell of the grid (METHOD: vanilla or tract), not saved")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.trace:
+        opt, method, epochs, seed = a.trace
+        if method not in ("vanilla", "tract"):
+            ap.error(f"--trace METHOD must be vanilla or tract, got {method!r}")
+        trace = bn_trace(opt, int(epochs), int(seed), arch=a.arch, data=a.data, train_n=a.train_n or None,
+                                     lam=a.lam if method == "tract" else 0.0)
+        print(trace.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        return
     t0 = time.time()
     curves = tract_study.epochs_to_accuracy(a.out, arch=a.arch, data=a.data, budgets=a.budgets, seeds=a.seeds,
                                             optimizers=a.optimizers, lam=a.lam, train_n=a.train_n or None,
@@ -37,10 +122,15 @@ def main() -> None:
     summary = tract_study.summarize(curves)
     print(f"\n{a.arch} on {a.data} (train_n={a.train_n or 'all'}), lambda={a.lam}, {len(a.seeds)} seeds, "
           f"{time.time() - t0:.0f} s; final test accuracy, mean +- std over seeds:")
-    wide = summary.assign(cell=summary["mean"].map("{:.3f}".format) + " +- " + summary["std"].map("{:.3f}".format))
-    print(wide.pivot(index=["optimizer", "budget"], columns="method", values="cell").to_string())
+    print(_table(summary))
     print("\nbudget at which TrAct matches vanilla's best:")
     print(tract_study.matching_budget(summary).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    recal = tract_study.bn_recalibrated(curves, a.out, data=a.data, train_n=a.train_n or None, device=a.device)
+    summary_bn = tract_study.summarize(recal, value="test_acc_bn")
+    print("\nthe same final weights, BatchNorm statistics recomputed on the training subset:")
+    print(_table(summary_bn))
+    print("\nbudget at which TrAct matches vanilla's best (recomputed BN statistics):")
+    print(tract_study.matching_budget(summary_bn).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     from layerlab.plots.tract import plot_curves
 
     plot_curves(curves, __import__("pathlib").Path(a.out) / "curves")

@@ -594,7 +594,16 @@ def test_cli_writes_tables_figures_and_indices(tmp_path):
     images = pd.read_csv(out / "criticality_images.csv")
     assert images["index"].tolist() == load_data(DATA, "test", images=16, seed=0).indices.tolist()
     for name in ("criticality_heatmap", "criticality_std"):
-        assert (out / f"{name}.png").stat().st_size > 0 and (out / f"{name}.svg").exists()
+        assert (out / f"{name}.png").stat().st_size > 0 and (out / f"{name}.svg").stat().st_size > 0
+    from layerlab.plots.criticality import heatmap, std_heatmap  # the figures of the summary written beside them
+
+    rows = summary.sort_values("index")
+    for fig, value in ((heatmap(summary), "criticality"), (std_heatmap(summary), "std")):
+        ax = fig.axes[0]
+        assert [t.get_text() for t in ax.get_yticklabels()] == rows["label"].tolist()
+        (tick,) = [t.get_text() for t in ax.get_xticklabels()]  # one model, its long spec shortened head...tail
+        assert tick == SPEC[:11] + "..." + SPEC[-10:]
+        np.testing.assert_allclose(np.asarray(ax.images[0].get_array())[:, 0], rows[value])
     bad = CliRunner().invoke(_cli(), [*args[:-3], "--layers", "nope", "--no-progress"])
     assert isinstance(bad.exception, LayerlabError) and "nope" in str(bad.exception)
 
@@ -609,6 +618,14 @@ def test_cli_checkpoint_and_module_modes(mlp_run, tmp_path, monkeypatch):
     assert sorted(set(table["epoch"])) == [0, 1, 2, 3]
     assert table.loc[table["epoch"] == 3, "criticality"].abs().max() < 1e-9  # the last checkpoint is the model
     assert (out / "criticality_checkpoints.png").exists()
+    from layerlab.plots.criticality import checkpoint_heatmap  # the figure of the summary written beside it
+
+    summary = pd.read_csv(out / "criticality_summary.csv").sort_values(["index", "epoch"])
+    ax = checkpoint_heatmap(summary).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [f"epoch {e}" for e in range(4)]
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(dict.fromkeys(summary["label"]))
+    want = 100 * (1 - summary["accuracy"].to_numpy().reshape(-1, 4))  # units x epochs: the test error [%]
+    np.testing.assert_allclose(np.asarray(ax.images[0].get_array()), want)
     result = CliRunner().invoke(_cli(), ["criticality", "--run", str(mlp_run), "--data", "digits?size=8", "--images",
                                          "30", "--module", "--layers", "fc", "--out", str(out), "--no-progress"])
     assert result.exit_code == 0, result.output + repr(result.exception)

@@ -332,8 +332,16 @@ def test_figures_and_cli(images, tmp_path, monkeypatch):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "retention" in result.output
-    assert (out / "figures" / "invariance" / "stir_grids.png").exists()
-    assert (out / "figures" / "invariance" / "inversions.svg").exists()
+    # the CLI's part is writing the files; what the figures draw: below and in test_figure_content.py
+    assert (out / "figures" / "invariance" / "stir_grids.png").stat().st_size > 1000
+    assert (out / "figures" / "invariance" / "inversions.svg").stat().st_size > 1000
+    from layerlab.plots.invariance import grid_heatmaps
+
+    panels = [ax for ax in grid_heatmaps(res["grid"]).axes if ax.images]
+    assert panels[0].get_title() == "STIR(ft_j | pt_i)" and len(panels) == 7  # pt, ft, scratch: every grid
+    want = inv.grid_matrix(res["grid"], "pretrained", "finetuned")
+    assert [t.get_text() for t in panels[0].get_yticklabels()] == list(want.index) and len(want) == len(LAYERS)
+    np.testing.assert_allclose(np.asarray(panels[0].images[0].get_array()), want.to_numpy())
     assert len(Store(out).read("invariance")) == 2 * 2 * 2 * 2 * 3
     bad = CliRunner().invoke(app, [*args[:7], "--layers", "conv9"])
     assert bad.exit_code != 0 and "unknown layer 'conv9'" in str(bad.exception or bad.output)

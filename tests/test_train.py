@@ -80,7 +80,10 @@ def test_nan_loss_is_a_clear_error_and_keeps_written_work(tmp_path, tiny_arch):
     with pytest.raises(NonFiniteError, match="lower the learning rate"):
         train(tiny_arch, "digits", recipe("baseline", epochs=2, lr=1e30, batch_size=32), tmp_path / "r", train_n=96, progress=False)
     assert (tmp_path / "r" / "run.json").exists()
-    assert load_model(f"file:{runs.checkpoint_path(tmp_path / 'r', 0)}") is not None
+    first = runs.checkpoint_path(tmp_path / "r", 0)  # the initialisation, written before the loss blew up
+    stored, loaded = _state(first), load_model(f"file:{first}").state_dict()
+    assert sorted(loaded) == sorted(stored) and all(torch.equal(loaded[k], stored[k]) for k in stored)
+    assert all(torch.isfinite(v).all() for v in stored.values() if v.is_floating_point())
 
 
 def test_a_different_run_in_the_same_folder_is_refused(tmp_path, tiny_arch):
