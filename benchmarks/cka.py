@@ -3,7 +3,9 @@
 Layers: every Conv2d and the fc output (21 for ResNet-18), self-similarity (all pairs of one model), N images of
 32x32, batches of --batch in a fixed order so that every method sees the same minibatches. Each method runs in its
 own subprocess, so that its peak memory and thread pools are its own, and --repeat rounds run all methods in turn
-(interleaved, so that on a shared machine they see the same load); the time is the best round:
+(interleaved, so that on a shared machine they see the same load); the table prints the best round, and one JSON
+record per N (benchmarks/records/cka_<device>_n<N>.json, benchmarks/record.py) keeps every round, the paired
+per-round ratios with 95 % intervals, and each method's max abs difference from the float64 reference:
 
 * layerlab          minibatch unbiased CKA (Nguyen et al. 2021), the defaults: batches handed to the model in
                     channels_last layout (weights untouched), b x b Grams formed inside the forward hooks from
@@ -26,6 +28,7 @@ baseline (includes the forward pass); tracemalloc is printed too but does not se
 sees Python and numpy), and torch.cuda.max_memory_allocated on CUDA.
 
     .venv/bin/python benchmarks/cka.py --n 512,2048 --batch 256 --threads 2
+    PYTHONPATH=<folder with the peers> .venv/bin/python benchmarks/cka.py --n 512 --repeat 5   # with the peers
 """
 from __future__ import annotations
 
@@ -426,9 +429,9 @@ def main() -> None:
     p.add_argument("--checkpoint", default="", help="ResNet-18 (10 classes) state dict; random init if omitted")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeat", type=int, default=3,
+    p.add_argument("--repeat", type=int, default=5,
                    help="rounds; each round runs every method once, interleaved, so that all see the same machine "
-                        "load; time = min over rounds, memory = max (the reference and runs over 60 s: once)")
+                        "load; printed time = min over rounds, memory = max; the record keeps every round")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per method and N")
     p.add_argument("--exact-rss", action="store_true",
                    help="run workers with MALLOC_MMAP_THRESHOLD_=65536 so that glibc returns freed blocks and peak RSS "
@@ -469,9 +472,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out:
         for n in ns:
             runs: dict[str, list[dict]] = {m: [] for m in methods if not (m in PEERS and avail.get(m))}
-            for rnd in range(args.repeat):
+            for rnd in range(args.repeat):  # interleaved: every method once per round, the reference too
                 for m, done in runs.items():
-                    if done and ("error" in done[0] or m == "reference" or done[0]["time_s"] > 60):
+                    if done and "error" in done[0]:
                         continue
                     res = run_method(m, n, args, out)
                     if "keys" in res and not done:
@@ -489,8 +492,67 @@ def main() -> None:
                     if "cuda_mib" in first:
                         first["cuda_mib"] = max(r["cuda_mib"] for r in ok)
                 first["runs"] = len(ok)
+                first["times"] = [r["time_s"] for r in ok]
                 rows.append(first)
     report(rows, ns, args)
+    for n in ns:
+        record(rows, n, args, avail)
+
+
+def record(rows: list[dict], n: int, args: argparse.Namespace, avail: dict[str, str]) -> None:
+    """One JSON record per N (benchmarks/records/cka_<device>_n<N>.json): every method a side, its per-round times
+    being the worker's own clock (model built and warmed up, imports done: the subprocess start is not counted)."""
+    import numpy as np
+
+    sys.path.insert(0, str(_HERE))
+    from record import Recorder
+
+    here = [r for r in rows if r["n"] == n]
+    ref = next((r for r in here if r["method"] == "reference" and "mats" in r), None)
+    weights = f"checkpoint {args.checkpoint}" if args.checkpoint else "seeded random init (untrained)"
+    data = ("sklearn digits upsampled to 3x32x32" if args.data == "digits"
+            else "uniform noise U[0,1) 3x32x32 (not images)")
+    missing = [f"{p} ({why})" for p, why in avail.items() if why]
+    rec = Recorder(
+        f"cka_{args.device.split(':')[0]}_n{n}", f"All-pairs CKA of ResNet-18, N = {n}: layerlab vs peers and naive",
+        device=args.device, conditions={
+            "model": "timm resnet18, num_classes=10", "weights": weights, "data": data, "images": n,
+            "batch": args.batch, "layers": "every Conv2d + fc (21), self-similarity, all pairs",
+            "rounds": args.repeat, "exact_rss": args.exact_rss},
+        notes=("Each side runs in its own subprocess, in turn within a round (floors, naive reference, layerlab "
+               "and its variants, peers); a side's time is the worker's own clock after model build and warm-up. "
+               "naive = the float64 numpy reference (keeps all N features, textbook formulas). Errors are max abs "
+               "difference against that reference of the same estimator (minibatch unbiased unless named), "
+               f"computed on a {weights} model fed {data}: they say how close the arithmetic is, not how CKA "
+               "behaves on trained features. Peers not importable, so not measured: "
+               + (", ".join(missing) if missing else "none") + "."))
+    ok = {r["method"]: r for r in here if r.get("times")}
+    for m, r in ok.items():
+        rec.record["times"][m] = list(r["times"])
+    rec.record["times"] = {m: rec.record["times"][m] for m in METHODS if m in rec.record["times"]}
+    if "layerlab" in ok:
+        for p in PEERS:
+            if p in ok:
+                rec.ratio(p, "layerlab", target=2.0, label=f"speed-up {p} / layerlab")
+        if "reference" in ok:
+            rec.ratio("reference", "layerlab", label="speed-up naive (float64 reference) / layerlab")
+        for v in ("layerlab-float64", "layerlab-biased", "forward-only-cl", "forward-only"):
+            if v in ok:
+                rec.ratio(v, "layerlab", label=f"{v} / layerlab")
+    for r in here:
+        m = r["method"]
+        if "error" in r:
+            rec.measure(f"{m}_error", r["error"])
+        elif m in ESTIMATOR and ref:
+            key = ESTIMATOR[m]
+            rec.measure(f"{m}_max_abs_diff_vs_float64_{key}", float(np.abs(r["mats"]["cka"] - ref["mats"][key]).max()))
+        if "rss_mib" in r:
+            rec.measure(f"{m}_peak_rss_mib", round(float(r["rss_mib"]), 1))
+    if ref:
+        m = ref["mats"]
+        rec.measure("gap_biased_full_vs_unbiased_mb", float(np.abs(m["biased_full"] - m["unbiased_mb"]).max()))
+        rec.measure("gap_unbiased_full_vs_unbiased_mb", float(np.abs(m["unbiased_full"] - m["unbiased_mb"]).max()))
+    rec.write()
 
 
 def report(rows: list[dict], ns: list[int], args: argparse.Namespace) -> None:

@@ -23,6 +23,11 @@ the median time of each, the median of the per-round paired ratios naive/fast an
 
     python benchmarks/criticality_arch.py               # all eleven, 128 images, T = 2, 3 rounds, 1 thread (~25 min)
     python benchmarks/criticality_arch.py --archs vit,sequential --images 64 --rounds 1
+    python benchmarks/criticality_arch.py --archs resnet18,vit,convnext_atto,tv_mobilenet_v2 --rounds 2
+
+Each architecture writes a record ``benchmarks/records/criticality_arch_<arch>.json`` (record.py): naive and fast
+as interleaved rounds, the paired speed-up naive/fast with its median and 95 % bootstrap interval, the ceiling and
+the other figures as measures; ``python benchmarks/render.py`` puts the records into RESULTS.md.
 
 The models are untrained (nothing is downloaded). To make criticality mean something (an untrained head gives
 near-uniform softmax outputs, so every criticality would be ~0, and fast and naive would agree trivially), every
@@ -45,12 +50,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from record import Recorder
 from torch import nn
 
 from layerlab import load_data, load_model
 from layerlab.criticality import Pipeline, criticality, units_of
-from layerlab.runtime import eval_mode
 from layerlab.data import ImageData
+from layerlab.runtime import eval_mode
 
 VIT = "timm:vit_tiny_patch16_224?img_size=32&patch_size=4&depth=6&num_classes=10"
 SWIN = "timm:swin_tiny_patch4_window7_224?img_size=32&window_size=4&num_classes=10"  # stages at 8, 4, 2, 1 px
@@ -189,6 +195,9 @@ class Row:
     diff: float
     mean_crit: float
     detail: str
+    weights: str = ""
+    costs: tuple[float, ...] = ()
+    started: tuple[str, float] = ("", 0.0)  # when the timed rounds began, and the load average then
 
 
 def bench(arch: str, data: ImageData, args: argparse.Namespace) -> Row:
@@ -213,6 +222,7 @@ def bench(arch: str, data: ImageData, args: argparse.Namespace) -> Row:
         last = [units[-1].name]
         criticality(model, data, layers=last, naive=True, **{**opts, "trials": 1})  # warm-up (kernels, fresh draws)
         criticality(model, data, layers=last, **{**opts, "trials": 1})
+        started = (time.strftime("%Y-%m-%d %H:%M:%S"), os.getloadavg()[0])
         t_naive: list[float] = []
         t_fast: list[float] = []
         diff = 0.0
@@ -228,11 +238,33 @@ def bench(arch: str, data: ImageData, args: argparse.Namespace) -> Row:
     fell_back = fell_back or any("falling back" in str(w.message) for w in caught)
     mean_crit = float(tables["fast"]["criticality"].mean())
     worst = tables["fast"].sort_values("criticality").iloc[[0, -1]]
+    weights = detail
     detail += (f"; mean criticality {mean_crit:.2f}% (min {worst['criticality'].iloc[0]:.2f}% at "
                f"{worst['label'].iloc[0]}, max {worst['criticality'].iloc[1]:.2f}% at {worst['label'].iloc[1]}); "
                f"stage costs (ms, all images) {', '.join(f'{c * 1e3:.1f}' for c in costs)}")
     return Row(arch, n_params / 1e6, len(units), len(pipe.stages), fell_back, t_naive, t_fast, ceiling, diff,
-               mean_crit, f"{arch}: {what}\n    {detail}")
+               mean_crit, f"{arch}: {what}\n    {detail}", weights, tuple(costs), started)
+
+
+def write_record(r: Row, data: ImageData, args: argparse.Namespace) -> None:
+    """``records/criticality_arch_<arch>.json``: the interleaved rounds, the paired speed-up, the ceiling."""
+    rec = Recorder(f"criticality_arch_{r.arch}", f"Layer criticality per architecture: {r.arch}, naive vs fast",
+                   conditions={
+                       "model": ARCHS[r.arch][0],
+                       "weights": "untrained (torch.manual_seed(1234) init), made confident: " + r.weights,
+                       "parameters_M": round(r.params, 2), "layers": r.layers,
+                       "stages": f"{r.stages}" + (" (fell back to full forwards)" if r.fell_back else ""),
+                       "data": f"digits test, {len(data)} seeded images, {'x'.join(map(str, data.shape))}",
+                       "trials": args.trials, "batch": args.batch_size,
+                       "rounds": f"{args.rounds}, order alternating (naive first in even rounds)"})
+    rec.record["started"], rec.record["load_before"] = r.started
+    rec.record["times"] = {"naive": list(r.naive), "fast": list(r.fast)}
+    rec.ratio("naive", "fast", label="speed-up naive / fast")
+    rec.measure("ceiling speed-up (stage-cost model)", r.ceiling)
+    rec.measure("stage costs ms (all images, fastest of --stage-reps)", ", ".join(f"{c * 1e3:.1f}" for c in r.costs))
+    rec.measure("max_abs_difference_points", r.diff)
+    rec.measure("mean_criticality", r.mean_crit)
+    rec.write()
 
 
 def main() -> None:
@@ -246,6 +278,7 @@ def main() -> None:
     ap.add_argument("--stage-reps", type=int, default=5, help="timed passes per stage for the ceiling (fastest)")
     ap.add_argument("--target", type=float, default=8.0, help="head fit target scale (logit margin)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-record", action="store_true", help="print only; write no record")
     args = ap.parse_args()
     archs = [a.strip() for a in args.archs.split(",") if a.strip()]
     if unknown := [a for a in archs if a not in ARCHS]:
@@ -264,6 +297,8 @@ def main() -> None:
         row = bench(arch, data, args)
         print(row.detail, flush=True)
         rows.append(row)
+        if not args.no_record:
+            write_record(row, data, args)
     load_after = os.getloadavg()
 
     print()

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
-import time
 from itertools import combinations
 from pathlib import Path
 
@@ -32,6 +32,9 @@ from layerlab.features import Extractor
 from layerlab.regions import decision_region_similarity, sample_triplets
 from layerlab.runs import checkpoint_path
 from layerlab.similarity import linear_cka
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record import Recorder  # noqa: E402
 
 ARCH = "timm:resnet18?channels=16,32,64,128&stem_width=16"
 DATA = "digits?size=16"
@@ -85,9 +88,11 @@ def main() -> None:
     ap.add_argument("--triplets", type=int, default=10)
     ap.add_argument("--resolution", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (naive, fast, fast b=64, naive, ...)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     k, n = args.checkpoints, args.images
+    pairs = k * (k - 1) // 2
 
     with tempfile.TemporaryDirectory() as tmp:
         run = make_run(Path(tmp), k)
@@ -96,43 +101,59 @@ def main() -> None:
         n = x.shape[0]
         print(f"narrow ResNet-18 on {DATA}: {k} checkpoints, {len(layers)} layers + output, {n} probe images, "
               f"{args.threads} threads, torch {torch.__version__}")
+        trained = (f"trained by this script in seconds: checkpoint e = the weights after e short SGD epochs "
+                   f"(lr 0.05, momentum 0.9, batch 64) on 512 {DATA} training images, seed 0; checkpoint 0 is "
+                   f"the random init")
+        common = {"model": f"{ARCH}, 10 classes", "checkpoints": k, "weights": trained, "pairs": pairs}
+        notes = ("The same run is measured by both sides; sides timed in turn within each round. Checkpoints are "
+                 "barely trained (a few epochs on a small digits subset): the timings do not depend on the weights; "
+                 "the differences are between two computations of the same numbers.")
 
         # warm up imports and allocators on both paths
         dynamics(run, layers=layers[:1], epochs=[0, 1], images=n, batch_size=n, tables=("cka",))
 
-        t0 = time.perf_counter()
-        ref = naive_cka(run, k, layers, x)
-        t_naive = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        fast = dynamics(run, layers=layers, images=n, batch_size=n, tables=("cka",))["cka"]
-        t_fast = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        dynamics(run, layers=layers, images=n, batch_size=64, tables=("cka",))
-        t_mini = time.perf_counter() - t0
+        rec = Recorder("dynamics_cka", "CKA over training, naive per pair vs layerlab.dynamics", conditions={
+            **common, "layers": f"{len(layers)} + output", "data": f"{DATA} test, {n} probe images",
+            "naive": "per pair: reload both, re-extract, full-N unbiased linear CKA (float64)",
+            "fast": "one pass per checkpoint, Grams in hooks; batch = N (same estimator) and b = 64",
+            "rounds": args.rounds}, notes=notes)
+        for _ in range(args.rounds):
+            ref = rec.time("naive", lambda: naive_cka(run, k, layers, x))
+            fast = rec.time("fast (batch = N)", lambda: dynamics(run, layers=layers, images=n, batch_size=n,
+                                                                  tables=("cka",))["cka"])
+            rec.time("fast (b = 64)", lambda: dynamics(run, layers=layers, images=n, batch_size=64, tables=("cka",)))
         got = {(r.layer, r.epoch_a, r.epoch_b): r.cka for r in fast.itertuples()}
         diff = max(abs(got[key] - v) for key, v in ref.items())
-        pairs = k * (k - 1) // 2
+        r1 = rec.ratio("naive", "fast (batch = N)", label="speed-up naive / fast (batch = N, same estimator)")
+        r2 = rec.ratio("naive", "fast (b = 64)", label="speed-up naive / fast (b = 64, the default)")
+        rec.measure("values_compared", len(ref))
+        rec.measure("max_abs_diff_naive_vs_fast_batchN", float(diff))
+        rec.write()
         print("\nCKA over training (all layers, every checkpoint pair)")
-        print(f"  naive  per pair: reload + re-extract + full-N unbiased CKA  {t_naive:8.2f} s  ({pairs} pairs)")
-        print(f"  fast   one pass, Grams in hooks, batch = N (same estimator) {t_fast:8.2f} s  ratio {t_naive / t_fast:5.1f}x")
-        print(f"  fast   one pass, minibatch b = 64 (the default)            {t_mini:8.2f} s  ratio {t_naive / t_mini:5.1f}x")
+        for side, r in (("fast (batch = N)", r1), ("fast (b = 64)", r2)):
+            print(f"  naive / {side}: {r['median']:.2f}x [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]")
         print(f"  max |naive - fast| over {len(ref)} (layer, pair) values: {diff:.2e}")
 
         train = load_data(DATA, "train")
         trip = train.float()[sample_triplets(train.labels, args.triplets, seed=0)]
-        t0 = time.perf_counter()
-        ref_drs = naive_drs(run, k, trip, args.resolution)
-        t_naive = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        fast_drs = dynamics(run, layers=["output"], triplets=args.triplets, resolution=args.resolution,
-                            tables=("drs",))["drs"]
-        t_fast = time.perf_counter() - t0
+        rec = Recorder("dynamics_drs", "Decision-region similarity over training, naive per pair vs "
+                       "layerlab.dynamics", conditions={
+            **common, "planes": f"{args.triplets} triplet planes of {DATA} train images at "
+                                f"{args.resolution}x{args.resolution}",
+            "naive": "per pair: both networks over every plane again",
+            "fast": "each checkpoint over the planes once", "rounds": args.rounds}, notes=notes)
+        for _ in range(args.rounds):
+            ref_drs = rec.time("naive", lambda: naive_drs(run, k, trip, args.resolution))
+            fast_drs = rec.time("fast", lambda: dynamics(run, layers=["output"], triplets=args.triplets,
+                                                         resolution=args.resolution, tables=("drs",))["drs"])
         got = {(r.epoch_a, r.epoch_b): r.drs for r in fast_drs.itertuples()}
         diff = max(abs(got[key] - v) for key, v in ref_drs.items())
+        r = rec.ratio("naive", "fast", label="speed-up naive / fast")
+        rec.measure("pairs_compared", len(ref_drs))
+        rec.measure("max_abs_diff_naive_vs_fast", float(diff))
+        rec.write()
         print(f"\nNetwork decision-region similarity ({args.triplets} planes at {args.resolution}x{args.resolution})")
-        print(f"  naive  per pair: both networks over every plane again       {t_naive:8.2f} s  ({pairs} pairs)")
-        print(f"  fast   each checkpoint over the planes once                 {t_fast:8.2f} s  ratio {t_naive / t_fast:5.1f}x")
-        print(f"  max |naive - fast|: {diff:.2e}")
+        print(f"  naive / fast: {r['median']:.2f}x [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]; max |naive - fast|: {diff:.2e}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,14 @@ ResNet-18 (ImageNet stem, 32x32 input) and a small timm ViT (patch 4, dim 64, de
 interleaved (one step of each per repetition, rotating their order) and the median of ``--steps`` steps after
 warm-up is reported, so slow drifts of a shared machine hit all variants alike.
 
+Each model writes a record ``benchmarks/records/tract_<model>.json`` (``tract_<model>_cuda`` on a GPU; see
+record.py): every timed step of every variant is one interleaved round, with the paired per-round ratios
+layerlab/vanilla, torch-tract/vanilla and torch-tract/layerlab, each with its median and 95 % bootstrap interval.
+The target "layerlab no slower than torch-tract" (torch-tract / layerlab >= 1) is met only when the interval's low
+end clears 1; an interval that straddles 1 means the difference is not resolved at this noise. The models are
+untrained (seeded random init) and fed random inputs and labels: the cost of a step does not depend on the weights'
+values. ``python benchmarks/render.py`` puts the records into RESULTS.md.
+
 It also compares the first-layer weight gradient of layerlab and torch-tract on the same layer and batch in
 float32 (relative max error, threshold 1e-5).
 
@@ -28,6 +36,7 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
+from record import Recorder
 from torch import nn
 
 import layerlab.tract as tract
@@ -198,6 +207,72 @@ def _rows(name: str, res: dict[str, Any]) -> list[tuple[str, ...]]:
     return rows
 
 
+def _ref_version() -> str | None:
+    """torch-tract's version (from its package metadata), or None when it is not importable."""
+    if torch_tract is None:
+        return None
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch-tract")
+    except PackageNotFoundError:
+        return getattr(torch_tract, "__version__", "installed")
+
+
+def _record(name: str, res: dict[str, Any], stem_res: dict[str, Any], args: argparse.Namespace,
+            device: torch.device, amp: bool, started: tuple[str, float], grads: list[tuple[str, str]]) -> None:
+    """One record per model: per-step wall times of every variant as interleaved rounds, and the paired ratios."""
+    _, stem = MODELS[name]
+    live = {k: v for k, v in res.items() if isinstance(v, list)}
+    ref_version = _ref_version()
+    rec = Recorder(
+        f"tract_{name}" + ("_cuda" if device.type == "cuda" else ""), f"TrAct training-step overhead, {name}",
+        device=str(device), conditions={
+            "model": {"resnet18": "timm resnet18, 10 classes, 32x32 input (ImageNet stem)",
+                      "vit": "timm vit_tiny_patch16_224 at img 32, patch 4, dim 64, depth 2, 2 heads, 10 classes"}[name],
+            "TrAct layer": stem, "lambda": args.lam,
+            "weights": "untrained (seeded random init, identical for every variant): a step's cost does not depend "
+                       "on the weights' values",
+            "data": f"random inputs N(0, 1) [{args.batch}, 3, 32, 32], random labels",
+            "step": "forward, cross-entropy, backward, SGD (lr 0.01, momentum 0.9)",
+            "amp bf16 + channels_last": amp, "warm-up steps": args.warmup,
+            "torch-tract": ref_version or "not installed",
+            "rounds": "one step of each variant per round, order rotating"})
+    rec.record["started"], rec.record["load_before"] = started
+    for key, times in live.items():
+        rec.record["times"][key] = [t[0] / 1e3 for t in times]  # wall seconds per step, one per round
+        rec.measure(f"{key}: median CPU ms/step (all threads)", statistics.median(t[1] for t in times))
+    for key, text in res.items():
+        if isinstance(text, str):
+            rec.measure(f"{key}: whole step", text)
+    if "layerlab" in live:
+        rec.ratio("layerlab", "vanilla", label="layerlab TrAct / vanilla (overhead)")
+    verdict = ""
+    if "torch-tract" in live:
+        rec.ratio("torch-tract", "vanilla", label="torch-tract / vanilla (overhead)")
+        r = rec.ratio("torch-tract", "layerlab", target=1.0,
+                      label="torch-tract / layerlab (layerlab no slower: >= 1)")
+        lo, hi = r["ci"]
+        verdict = ("torch-tract / layerlab: the interval clears 1, layerlab is no slower" if lo >= 1.0 else
+                   "torch-tract / layerlab: the interval lies below 1, layerlab is slower here" if hi < 1.0 else
+                   f"torch-tract / layerlab: the interval [{lo:.3f}, {hi:.3f}] contains 1, so 'not met' means not "
+                   "resolved at this noise (neither is shown slower)")
+    for key, times in stem_res.items():  # the TrAct layer alone (forward, <out, g>, backward, SGD step)
+        if isinstance(times, str):
+            rec.measure(f"stem only, {key}", times)
+            continue
+        rec.measure(f"stem only, {key}: median ms", statistics.median(t[0] for t in times))
+        if key != "vanilla" and isinstance(stem_res.get("vanilla"), list):
+            rec.measure(f"stem only, {key} / vanilla: paired median",
+                        statistics.median(t[0] / v[0] for t, v in zip(times, stem_res["vanilla"])))
+    for r in rec.record["ratios"]:  # the rendered table rounds to 2 decimals; these ratios differ in the third
+        rec.measure(f"{r['label']}: median [95 % interval]", f"{r['median']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]")
+    for label, verdict_ in grads:
+        rec.measure(f"first-layer weight gradient vs torch-tract (float32, max abs diff / max abs grad): {label}", verdict_)
+    rec.record["notes"] = verdict
+    rec.write()
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=30, help="timed steps per variant (median reported)")
@@ -207,6 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--lam", type=float, default=0.1)
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list from {sorted(MODELS)}")
+    p.add_argument("--no-record", action="store_true", help="print only; write no record")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -215,11 +291,12 @@ def main(argv: list[str] | None = None) -> None:
     load0 = os.getloadavg()
     print(
         f"torch {torch.__version__}, timm {timm.__version__}, torch-tract "
-        f"{getattr(torch_tract, '__version__', 'installed') if torch_tract else 'not installed'}, "
+        f"{_ref_version() or 'not installed'}, "
         f"device {device} ({platform.processor() or platform.machine()}), threads {torch.get_num_threads()}, "
         f"batch {args.batch}, steps {args.steps} (+{args.warmup} warm-up), lam {args.lam}, "
         f"amp bf16 {amp}, channels_last {channels_last}, loadavg(1m) at start {load0[0]:.2f}"
     )
+    grads = grad_agreement(args.lam, device, args.batch)  # before the timings: a correctness check, < 1 s
     table: list[tuple[str, ...]] = []
     for name in args.models.split(","):
         torch.manual_seed(1)
@@ -228,10 +305,13 @@ def main(argv: list[str] | None = None) -> None:
             x = x.contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, 10, (args.batch,), device=device)
         variants = make_variants(name, args.lam, device, channels_last)
+        started = (time.strftime("%Y-%m-%d %H:%M:%S"), os.getloadavg()[0])
         res = time_models(variants, x, y, args.steps, args.warmup, amp)
         table += _rows(name, res)
         stem_res = time_stems(name, args.lam, x, args.steps, args.warmup, amp)
         table += _rows(f"{name} stem only", stem_res)
+        if not args.no_record:
+            _record(name, res, stem_res, args, device, amp, started, grads)
     head = ("model", "variant", "ms/step", "min ms", "IQR ms", "vs vanilla", "paired", "cpu ms", "cpu vs van.")
     widths = (18, 12, 9, 8, 11, 10, 7, 8, 11)
     print()
@@ -239,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
         cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
         print(" ".join(cells + [c.rjust(w) for c, w in zip(row[2:], widths[2:])]))
     print("\nfirst-layer weight gradient, layerlab vs torch-tract (float32, max|diff| / max|grad|):")
-    for label, verdict in grad_agreement(args.lam, device, args.batch):
+    for label, verdict in grads:
         print(f"  {label:38s} {verdict}")
     print(f"\nloadavg(1m) at end {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
 

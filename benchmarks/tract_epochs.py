@@ -10,18 +10,23 @@ A second table re-scores the same final weights with BatchNorm statistics recomp
 (``tract_study.bn_recalibrated``): the training lab's running averages lag the weights after a short budget.
 ``--trace adam vanilla 2 0`` instead retrains one cell (optimizer, method, epochs, seed) in memory and prints,
 every 4 steps, the test accuracy with running vs recomputed BN statistics.
+
+A grid run writes the record ``benchmarks/records/tract_epochs.json`` (record.py): accuracies, not times; both
+tables (running and recomputed BN) as measures, mean +- std over seeds per optimizer, budget and method, and every
+run's scores. ``--rescore-only`` refuses to train: it re-scores a finished grid under --out (~30 s) and stops if a
+run of the grid is missing. ``python benchmarks/render.py`` puts the record into RESULTS.md.
 """
 from __future__ import annotations
 
 import argparse
 import time
 
-import torch
-
 import pandas as pd
+import torch
+from record import Recorder
 from torch import nn
 
-from layerlab import tract_study
+from layerlab import runs, tract_study
 from layerlab.data import load_data, to_unit_float
 from layerlab.models import load_model
 from layerlab.train import evaluate, recipe
@@ -91,6 +96,37 @@ def bn_trace(optimizer: str, budget: int, seed: int, *, arch: str = tract_study.
     return pd.DataFrame(rows)
 
 
+def write_record(a: argparse.Namespace, summary: pd.DataFrame, summary_bn: pd.DataFrame, recal: pd.DataFrame,
+                 seconds: float) -> None:
+    """``records/tract_epochs.json``: both accuracy tables as measures (no times: nothing here is a speed)."""
+    rec = Recorder("tract_epochs", "TrAct epochs to accuracy", device=a.device, conditions={
+        "model": f"{a.arch}, trained from its seeded init by the training lab", "data": f"{a.data}, training subset "
+        f"{a.train_n or 'all'} images, scored on the full test split", "lambda": a.lam,
+        "optimizers": ", ".join(f"{o} (recipe {r.name!r}, lr {r.lr:g}, weight decay {r.weight_decay:g})"
+                                for o in a.optimizers for r in [recipe(tract_study.OPTIMIZER_RECIPES[o])]),
+        "batch": 32, "schedule": "cosine over each budget, no warm-up, no augmentation",
+        "budgets (epochs, cosine schedule each)": ", ".join(map(str, a.budgets)),
+        "seeds": ", ".join(map(str, a.seeds)), "runs under": a.out,
+        "scores": "final test accuracy, mean +- std (ddof 1) over seeds; running BN = the training lab's eval-mode "
+                  "score; recomputed BN = the same weights, BatchNorm statistics recomputed on the run's training "
+                  "subset"})
+    for label, table in (("running BN", summary), ("recomputed BN", summary_bn)):
+        order = {k: i for i, k in enumerate([*a.optimizers, "vanilla", "tract"])}
+        rows = table.sort_values(["optimizer", "budget", "method"], key=lambda c: c if c.name == "budget" else c.map(order))
+        for row in rows.itertuples(index=False):
+            rec.measure(f"{row.optimizer} {row.budget} epochs, {row.method}, {label}",
+                        f"{row.mean:.3f} +- {row.std:.3f} ({row.seeds} seeds)")
+        for m in tract_study.matching_budget(table).itertuples(index=False):
+            hit = "not reached" if pd.isna(m.tract_budget_to_match) else f"{int(m.tract_budget_to_match)} epochs"
+            rec.measure(f"{m.optimizer}: TrAct budget to match vanilla's best ({m.vanilla_best:.3f} at "
+                        f"{m.vanilla_best_budget} epochs), {label}", hit)
+    rec.measure("seconds (training + re-scoring; re-scoring only when the runs were finished)", round(seconds, 1))
+    rec.record["notes"] = ("accuracies, not times: the record has no timed rounds; 'runs' in the JSON holds every "
+                           "run's final scores")
+    rec.record["runs"] = recal.to_dict(orient="records")  # every run: test_acc, test_acc_bn, train_acc_bn
+    rec.write()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="/tmp/layerlab-tract-epochs")
@@ -105,6 +141,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--trace", nargs=4, metavar=("OPTIMIZER", "METHOD", "EPOCHS", "SEED"),
                     help="per-step BatchNorm trace of one cell of the grid (METHOD: vanilla or tract), not saved")
+    ap.add_argument("--rescore-only", action="store_true",
+                    help="train nothing: re-score the finished runs under --out (stops if one is missing)")
+    ap.add_argument("--no-record", action="store_true", help="print only; write no record")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.trace:
@@ -115,6 +154,12 @@ def main() -> None:
                                      lam=a.lam if method == "tract" else 0.0)
         print(trace.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
         return
+    if a.rescore_only:
+        missing = [tract_study.run_dir(a.out, o, m, b, s).name for o in a.optimizers for b in a.budgets
+                   for s in a.seeds for m in ("vanilla", "tract")
+                   if not runs.is_done(tract_study.run_dir(a.out, o, m, b, s))]
+        if missing:
+            ap.error(f"--rescore-only: {len(missing)} run(s) not finished under {a.out}: {', '.join(missing[:6])}")
     t0 = time.time()
     curves = tract_study.epochs_to_accuracy(a.out, arch=a.arch, data=a.data, budgets=a.budgets, seeds=a.seeds,
                                             optimizers=a.optimizers, lam=a.lam, train_n=a.train_n or None,
@@ -131,6 +176,8 @@ def main() -> None:
     print(_table(summary_bn))
     print("\nbudget at which TrAct matches vanilla's best (recomputed BN statistics):")
     print(tract_study.matching_budget(summary_bn).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if not a.no_record:
+        write_record(a, summary, summary_bn, recal, time.time() - t0)
     from layerlab.plots.tract import plot_curves
 
     plot_curves(curves, __import__("pathlib").Path(a.out) / "curves")
