@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from ..errors import LayerlabError
 from ._common import check_out
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 _NAMED = re.compile(r"^([A-Za-z0-9_.\-]+)=(.+)$")
 
@@ -173,7 +176,7 @@ def register(app: typer.Typer) -> None:
 
         import pandas as pd
 
-        from ..criticality import criticality, module_criticality, network_criticality, summarize, write_tables
+        from ..criticality import criticality, derive, module_criticality, network_criticality, write_tables
         from ..data import load_data
         from ._common import print_frame, set_threads
 
@@ -210,22 +213,18 @@ def register(app: typer.Typer) -> None:
             methods = set((groups or {}).get(m, m) for m in table["model"].unique())
             if baseline != "baseline" and baseline not in methods:
                 raise LayerlabError(f"--baseline {baseline!r} is neither a model nor a method: {sorted(methods)}")
-            paths = write_tables(table, out, baseline=baseline, groups=groups, threshold=threshold)
-            summary = summarize(table)
+            derived = derive(table, baseline=baseline, groups=groups, threshold=threshold)
+            paths = write_tables(table, out, derived=derived)
             if figures:
-                from ..criticality import critical_sets, differences, settling
                 from ..plots.criticality import save_all
                 from ..plots.criticality_studies import save_studies
 
-                diff = differences(table, baseline, groups=groups) if baseline in methods and len(methods) > 1 else None
-                paths += save_all(summary, out, attrs=extra, baseline=baseline, differences=diff)
-                over = over_training and summary["epoch"].dropna().nunique() > 1
-                shifted = len(shifts) > 1
-                paths += save_studies(summary, out, differences=diff,
-                                      settling=settling(summary, threshold) if over else None,
-                                      critical_sets=critical_sets(summary, threshold) if shifted else None)
-            _print_summary(summary, print_frame, over_training=over_training, shifted=len(shifts) > 1,
-                           precision=precision, threshold=threshold, n_images=len(table.attrs.get("indices", [])))
+                diff = derived.get("differences")
+                paths += save_all(derived["summary"], out, attrs=extra, baseline=baseline, differences=diff)
+                paths += save_studies(derived["summary"], out, differences=diff, settling=derived.get("settling"),
+                                      critical_sets=derived.get("critical_sets"), threshold=threshold)
+            _print_summary(derived, print_frame, precision=precision, threshold=threshold,
+                           n_images=len(table.attrs.get("indices", [])))
         typer.echo(f"wrote {len(paths)} files to {out}")
 
 
@@ -237,11 +236,11 @@ def _groups(attrs: "pd.DataFrame", column: str) -> dict[str, str]:
     return {str(m): str(g) for m, g in zip(attrs["model"], attrs[column])}
 
 
-def _print_summary(summary: "pd.DataFrame", print_frame, *, over_training: bool, shifted: bool,
-                   precision: float | None, threshold: float, n_images: int) -> None:
-    """The summary the user reads first: per layer the criticality with its interval, and per study its verdict."""
-    from ..criticality import critical_sets, settling
-
+def _print_summary(derived: dict[str, "pd.DataFrame"], print_frame, *, precision: float | None, threshold: float,
+                   n_images: int) -> None:
+    """The summary the user reads first: per layer the criticality with its interval, and per study its verdict
+    (the tables of :func:`layerlab.criticality.derive`)."""
+    summary = derived["summary"]
     varied = [c for c in ("mode", "epoch", "shift") if c in summary.columns
               and summary[c].astype(str).nunique() > 1]
     cols = ["model", *varied, "label", "criticality", "ci_low", "ci_high", "std",
@@ -252,9 +251,9 @@ def _print_summary(summary: "pd.DataFrame", print_frame, *, over_training: bool,
         used, fixed = int(summary["images"].sum()), n_images * len(summary)
         typer.echo(f"adaptive sampling (+-{precision:g} points): {used} image evaluations per trial over all layers, "
                    f"{fixed} at a fixed N = {n_images} ({fixed / max(used, 1):.1f}x fewer)")
-    if over_training and summary["epoch"].dropna().nunique() > 1:
+    if "settling" in derived:
         cols = ["model", "label", "final", "settled_epoch", "final_criticality"]
-        print_frame(settling(summary, threshold)[cols], f"over training: where each layer settles (critical: >= {threshold:g}%)")
-    if shifted:
+        print_frame(derived["settling"][cols], f"over training: where each layer settles (critical: >= {threshold:g}%)")
+    if "critical_sets" in derived:
         cols = ["model", "shift", "critical", "jaccard", "gained", "lost"]
-        print_frame(critical_sets(summary, threshold)[cols], f"under shift: the critical set (>= {threshold:g}%) vs clean")
+        print_frame(derived["critical_sets"][cols], f"under shift: the critical set (>= {threshold:g}%) vs clean")

@@ -65,14 +65,14 @@ from .module import SIGMA_MIN, SIGMA_RTOL, module_criticality
 from .pipeline import Pipeline, stage_decomposition
 from .references import MODES, Reference, known_run
 from .tables import (
-    CRITICAL, average_criticality, critical_sets, differences, network_criticality, replicates, settling, summarize,
+    CRITICAL, average_criticality, critical_sets, derive, differences, network_criticality, replicates, settling, summarize,
     write_tables,
 )
 from .units import UNITS, Unit, units_of
 
 __all__ = [
     "ANALYSIS", "CRITICAL", "MAX_STACK", "MODES", "MODULE_ANALYSIS", "ModelLike", "Pipeline", "Reference", "SIGMA_MIN",
-    "SIGMA_RTOL", "Trace", "UNITS", "Unit", "VERSION", "average_criticality", "critical_sets", "criticality", "differences", "kl_divergence",
+    "SIGMA_RTOL", "Trace", "UNITS", "Unit", "VERSION", "average_criticality", "critical_sets", "criticality", "derive", "differences", "kl_divergence",
     "known_run", "layer_criticality", "module_criticality", "network_criticality", "replicates", "settling", "softmax_cosine",
     "stage_decomposition", "summarize", "units_of", "write_tables",
 ]

@@ -17,7 +17,7 @@ from .intervals import (
     percentile_interval,
 )
 
-__all__ = ["average_criticality", "criticality_accuracy", "differences", "network_criticality", "replicates",
+__all__ = ["average_criticality", "criticality_accuracy", "derive", "differences", "network_criticality", "replicates",
            "critical_sets", "settling", "spearman_rho", "summarize", "write_tables"]
 
 #: criticality (points) from which a layer counts as critical, below it auxiliary (our choice: the paper names no
@@ -214,6 +214,32 @@ def network_criticality(table: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+def derive(
+    table: pd.DataFrame,
+    *,
+    baseline: str | None = None,
+    groups: Mapping[str, str] | None = None,
+    threshold: float = CRITICAL,
+) -> dict[str, pd.DataFrame]:
+    """The tables a per-trial table supports, computed once: ``summary`` (with intervals; for module criticality
+    the network criticality per model), and where the table allows it ``differences`` (to ``baseline``, a model
+    or, with ``groups``, a method), ``settling`` (over training) and ``critical_sets`` (under shift)."""
+    is_module = len(table) > 0 and "mode" in table.columns and bool((table["mode"] == "module").all())
+    if is_module:
+        return {"summary": network_criticality(table)}
+    summary = summarize(table)
+    out = {"summary": summary}
+    if len(table):
+        methods = set((groups or {}).get(m, m) for m in table["model"].unique())
+        if baseline is not None and baseline in methods and len(methods) > 1:
+            out["differences"] = differences(table, baseline, groups=groups)
+        if _over_epochs(summary):
+            out["settling"] = settling(summary, threshold)
+        if "shift" in summary.columns and bool((summary["shift"] != "clean").any()):
+            out["critical_sets"] = critical_sets(summary, threshold)
+    return out
+
+
 def write_tables(
     table: pd.DataFrame,
     out: str | Path,
@@ -222,13 +248,11 @@ def write_tables(
     baseline: str | None = None,
     groups: Mapping[str, str] | None = None,
     threshold: float = CRITICAL,
+    derived: Mapping[str, pd.DataFrame] | None = None,
 ) -> list[Path]:
-    """Write ``OUT/<prefix>.parquet``/``.csv`` (per trial; the csv without ``per_image``), ``<prefix>_summary.csv``
-    (with intervals) and ``<prefix>_images.csv``; and where the table allows it ``<prefix>_differences.csv``
-    (to ``baseline``, a model or, with ``groups``, a method), ``<prefix>_settling.csv`` (over training) and
-    ``<prefix>_critical_sets.csv`` (under shift).
-
-    For module criticality tables (``mode == 'module'``) the summary is the network criticality per model.
+    """Write ``OUT/<prefix>.parquet``/``.csv`` (per trial; the csv without ``per_image``), ``<prefix>_images.csv``
+    and ``OUT/<prefix>_<name>.csv`` for each derived table (:func:`derive`: summary, differences, settling,
+    critical_sets); pass ``derived`` when it is already computed, else it is derived here.
     """
     from ..store import atomic_write, atomic_write_text
 
@@ -238,26 +262,15 @@ def write_tables(
         atomic_write(out / f"{prefix}.parquet", lambda f: table.to_parquet(f, index=False)),
         atomic_write_text(out / f"{prefix}.csv", table.drop(columns=["per_image"], errors="ignore").to_csv(index=False)),
     ]
-
-    def csv(name: str, frame: pd.DataFrame) -> None:
+    if derived is None:
+        derived = derive(table, baseline=baseline, groups=groups, threshold=threshold)
+    for name, frame in derived.items():
         paths.append(atomic_write_text(out / f"{prefix}_{name}.csv", frame.to_csv(index=False)))
-
-    is_module = len(table) > 0 and "mode" in table.columns and bool((table["mode"] == "module").all())
-    summary = network_criticality(table) if is_module else summarize(table)
-    csv("summary", summary)
-    if not is_module and len(table):
-        methods = set((groups or {}).get(m, m) for m in table["model"].unique())
-        if baseline is not None and baseline in methods and len(methods) > 1:
-            csv("differences", differences(table, baseline, groups=groups))
-        if _over_epochs(summary):
-            csv("settling", settling(summary, threshold))
-        if "shift" in summary.columns and bool((summary["shift"] != "clean").any()):
-            csv("critical_sets", critical_sets(summary, threshold))
     indices = table.attrs.get("indices")
     if indices is not None:
         images = pd.DataFrame({"position": range(len(indices)), "index": indices})
         images["data"], images["split"] = table.attrs.get("data", ""), table.attrs.get("split", "")
-        csv("images", images)
+        paths.append(atomic_write_text(out / f"{prefix}_images.csv", images.to_csv(index=False)))
     return paths
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from .. import runtime
-from ..criticality import critical_sets, criticality, differences, settling, summarize, write_tables
+from ..criticality import criticality, derive, write_tables
 from ..errors import LayerlabError
 
 __all__ = ["demo_step", "over_training_study", "over_training_step", "shift_study", "step"]
@@ -41,10 +41,10 @@ def demo_step(
     models = {d.name: "file:" + str(d / "final.pt") for d in found}
     with runtime.threads(threads):
         table = criticality(models, "digits", split="test", images=images, trials=trials, store=out, progress=False)
-    paths = write_tables(table, out, baseline="baseline")
-    diff = differences(table, "baseline") if "baseline" in models and len(models) > 1 else None
-    return paths + save_all(summarize(table), out / "figures" / "criticality", attrs=attrs, baseline="baseline",
-                            differences=diff)
+    derived = derive(table, baseline="baseline")
+    paths = write_tables(table, out, derived=derived)
+    return paths + save_all(derived["summary"], out / "figures" / "criticality", attrs=attrs, baseline="baseline",
+                            differences=derived.get("differences"))
 
 
 #: the shift study of the demo: four training methods; contrast at three severities (the corruption these models
@@ -63,9 +63,10 @@ def shift_study(zoo_dir: Path, out: Path, *, models: Sequence[str] = SHIFT_MODEL
     named = {m: "file:" + str(Path(zoo_dir) / m / "final.pt") for m in models if (Path(zoo_dir) / m / "final.pt").exists()}
     with runtime.threads(threads):
         table = criticality(named, "digits", split="test", trials=trials, shift=list(shifts), store=out)
-    paths = write_tables(table, out, prefix="criticality_shift")
-    summary = summarize(table)
-    return paths + save_studies(summary, out / "figures" / "criticality", critical_sets=critical_sets(summary))
+    derived = derive(table)
+    paths = write_tables(table, out, prefix="criticality_shift", derived=derived)
+    return paths + save_studies(derived["summary"], out / "figures" / "criticality",
+                                critical_sets=derived.get("critical_sets"))
 
 
 def over_training_study(runs_dir: Path, out: Path, *, images: int = 256, precision: float | None = 1.0,
@@ -89,9 +90,9 @@ def over_training_study(runs_dir: Path, out: Path, *, images: int = 256, precisi
                                      batch_size=batch_size, over_training=True, checkpoint=picked, store=out))
     table = pd.concat(parts, ignore_index=True)
     table.attrs = parts[0].attrs
-    paths = write_tables(table, out, prefix="criticality_over_training")
-    summary = summarize(table)
-    return paths + save_studies(summary, out / "figures" / "dynamics", settling=settling(summary))
+    derived = derive(table)
+    paths = write_tables(table, out, prefix="criticality_over_training", derived=derived)
+    return paths + save_studies(derived["summary"], out / "figures" / "dynamics", settling=derived.get("settling"))
 
 
 def step(ctx) -> None:
