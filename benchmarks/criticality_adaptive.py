@@ -26,16 +26,7 @@ import torch
 from layerlab.criticality import criticality, summarize
 from layerlab.criticality.intervals import MIN_IMAGES, Z95
 from record import Recorder
-
-
-def _zoo(path: Path) -> dict[str, str]:
-    found = [d for d in path.iterdir() if (d / "final.pt").exists()] if path.is_dir() else []
-    if not found:
-        from layerlab.train import load_zoo, train_zoo
-
-        print(f"training the demo zoo into {path} (about 90 s on 2 cores) ...", flush=True)
-        train_zoo(load_zoo("demo"), path, progress=False)
-    return {d.name: f"file:{d / 'final.pt'}" for d in sorted(path.iterdir()) if (d / "final.pt").exists()}
+from zoo import demo_zoo
 
 
 def main() -> None:
@@ -52,7 +43,7 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    models = _zoo(args.zoo)
+    models = demo_zoo(args.zoo)
     opts = dict(data="digits", split=args.split, trials=args.trials)
     rec = Recorder(
         f"criticality_adaptive_{args.split}", f"Adaptive sampling (P = {args.precision:g}) vs fixed N, demo zoo, digits "

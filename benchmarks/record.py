@@ -51,7 +51,25 @@ def environment(device: str = "cpu") -> dict[str, Any]:
         "commit": _git("rev-parse", "--short", "HEAD"), "dirty": bool(_git("status", "--porcelain", "--", "src")),
         "device": name, "python": platform.python_version(), "torch": torch.__version__,
         "cuda": torch.version.cuda if torch.cuda.is_available() else None, "threads": torch.get_num_threads(),
+        "packages": packages(),
     }
+
+
+#: the libraries a figure depends on: the model zoo and the peers compared against (installed --no-deps)
+PACKAGES = ("timm", "torchvision", "torch-tract", "pytorch-cka", "torch-cka", "ckatorch")
+
+
+def packages() -> dict[str, str]:
+    """Installed versions of :data:`PACKAGES` (a peer imported from PYTHONPATH counts: its dist-info is found)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
 
 
 def median_interval(values: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:

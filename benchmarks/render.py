@@ -37,6 +37,8 @@ def render_record(rec: dict) -> str:
              f"{' (+ uncommitted changes)' if rec.get('dirty') else ''}, torch {rec['torch']}"
              f"{', CUDA ' + rec['cuda'] if rec.get('cuda') else ''}, {rec['threads']} thread(s), load average "
              f"{rec['load_before']:.2f} before / {rec['load_after']:.2f} after, {rec['rounds']} interleaved round(s).*", ""]
+    if rec.get("packages"):
+        lines += ["Packages: " + ", ".join(f"{k} {v}" for k, v in rec["packages"].items()) + ".", ""]
     cond = rec.get("conditions", {})
     if cond:
         lines += ["Conditions: " + "; ".join(f"{k}: {_num(v)}" for k, v in cond.items()) + ".", ""]
@@ -62,6 +64,56 @@ def render_record(rec: dict) -> str:
     return "\n".join(lines)
 
 
+#: ``<!-- records-table: PREFIX -->``: one row per record whose name starts with PREFIX (a comparison across records)
+TABLE = re.compile(r"(<!-- records-table: (?P<prefix>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /records-table -->)", re.S)
+
+
+def arch_table(records: list[dict]) -> str:
+    """The per-architecture criticality records side by side: speed-up with its interval against the ceiling."""
+    lines = ["| architecture | params | layers | stages | naive | fast | speed-up (median [95 % interval]) | ceiling "
+             "| max abs diff | mean criticality | load before / after | measured |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        c, m, ratio = r["conditions"], r["measures"], r["ratios"][0]
+        lines.append(
+            f"| {r['benchmark'].removeprefix('criticality_arch_')}: {c['model']} | {c['parameters_M']:.2f} M | {c['layers']} "
+            f"| {c['stages']} | {r['summary']['naive']['median']:.2f} s | {r['summary']['fast']['median']:.2f} s "
+            f"| **{ratio['median']:.2f}x** [{ratio['ci'][0]:.2f}, {ratio['ci'][1]:.2f}] "
+            f"| {m['ceiling speed-up (stage-cost model)']:.2f}x | {m['max_abs_difference_points']:g} "
+            f"| {m['mean_criticality']:.1f} % | {r['load_before']:.2f} / {r['load_after']:.2f} "
+            f"| {r['started'][:16]}, `{r['commit']}`, {r['rounds']} rounds |")
+    return "\n".join(lines) + "\n"
+
+
+def prune_table(records: list[dict]) -> str:
+    """The block-removal record as two tables: accuracy per criterion (mean +- std over seeds) at each budget and
+    stage, and criticality's paired difference to each other criterion with its verdict."""
+    rec = next((r for r in records if r["benchmark"] == "prune"), None)
+    if rec is None:
+        return "*No `prune` record yet: run benchmarks/prune.py.*\n"
+    summary, compare = rec["tables"]["summary"], rec["tables"]["compare"]
+    criteria = list(dict.fromkeys(r["criterion"] for r in summary))
+    cells: dict[tuple, dict[str, str]] = {}
+    for r in summary:
+        std = "" if r.get("accuracy_std") is None or r["accuracy_std"] != r["accuracy_std"] else f" +- {r['accuracy_std']:.3f}"
+        cells.setdefault((r["stage"], r["budget"]), {})[r["criterion"]] = f"{r['accuracy']:.3f}{std}"
+    lines = [f"*Measured {rec['started']} on {rec['device']}, commit `{rec['commit']}`, torch {rec['torch']}; "
+             f"{rec['summary']['prune']['median']:.0f} s; unpruned accuracy (zoo mean) "
+             f"{rec['measures']['accuracy unpruned (zoo mean)']:.3f}.*", "",
+             "Conditions: " + "; ".join(f"{k}: {_num(v)}" for k, v in rec["conditions"].items()) + ".", "",
+             "| stage | budget | " + " | ".join(criteria) + " |", "|---|---|" + "---|" * len(criteria)]
+    for (stage, budget), row in cells.items():
+        lines.append(f"| {stage} | {budget} | " + " | ".join(row.get(c, "") for c in criteria) + " |")
+    lines += ["", "| criticality minus | budget | stage | difference (mean +- std over seeds) | [min, max] | ahead | verdict |",
+              "|---|---|---|---|---|---|---|"]
+    for r in compare:
+        lines.append(f"| {r['other']} | {r['budget']} | {r['stage']} | {r['difference']:+.3f} +- {r['std']:.3f} "
+                     f"| [{r['min']:+.3f}, {r['max']:+.3f}] | {r['ahead']:.0%} | {r['verdict']} |")
+    return "\n".join(lines + ["", f"Note: {rec['notes']}."]) + "\n"
+
+
+TABLES = {"criticality_arch_": arch_table, "prune": prune_table}
+
+
 def render(text: str, folder: Path) -> str:
     def block(m: re.Match) -> str:
         path = folder / f"{m['name']}.json"
@@ -69,7 +121,12 @@ def render(text: str, folder: Path) -> str:
                 else f"*No record `{path.name}` yet: run the benchmark to measure it.*\n")
         return f"{m.group(1)}{body}{m.group(4)}"
 
-    return BLOCK.sub(block, text)
+    def table(m: re.Match) -> str:
+        records = [json.loads(p.read_text()) for p in sorted(folder.glob(f"{m['prefix']}*.json"))]
+        body = TABLES[m["prefix"]](records) if records else f"*No `{m['prefix']}*` records yet.*\n"
+        return f"{m.group(1)}{body}{m.group(4)}"
+
+    return TABLE.sub(table, BLOCK.sub(block, text))
 
 
 def main() -> int:

@@ -226,7 +226,9 @@ def _record(name: str, res: dict[str, Any], stem_res: dict[str, Any], args: argp
     live = {k: v for k, v in res.items() if isinstance(v, list)}
     ref_version = _ref_version()
     rec = Recorder(
-        f"tract_{name}" + ("_cuda" if device.type == "cuda" else ""), f"TrAct training-step overhead, {name}",
+        f"tract_{name}" + ("_cuda" if device.type == "cuda" else "")
+        + (f"_t{torch.get_num_threads()}" if device.type == "cpu" and torch.get_num_threads() > 1 else ""),
+        f"TrAct training-step overhead, {name}",
         device=str(device), conditions={
             "model": {"resnet18": "timm resnet18, 10 classes, 32x32 input (ImageNet stem)",
                       "vit": "timm vit_tiny_patch16_224 at img 32, patch 4, dim 64, depth 2, 2 heads, 10 classes"}[name],
