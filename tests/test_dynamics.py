@@ -163,8 +163,9 @@ def test_second_call_computes_nothing(run: Path, tables, monkeypatch: pytest.Mon
     assert len(Store(store).paths("dynamics-triplets")) == 1
 
 
-def test_a_lost_shard_is_recomputed_alone(run: Path, tables, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_lost_shard_is_recomputed_alone(run: Path, tables, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
     t, store = tables
+    n = sum(len(Store(store).paths(f"dynamics-{table}")) for table in ("cka", "probes", "drs"))
     cka_shards = Store(store).paths("dynamics-cka")
     victim = next(p for p in cka_shards if set(pd.read_parquet(p)["layer"]) == {"conv1"})
     victim.unlink()
@@ -176,8 +177,11 @@ def test_a_lost_shard_is_recomputed_alone(run: Path, tables, monkeypatch: pytest
         return real(model, cfg, inputs, cka_views, probe_layers, drs_views, *rest)
 
     monkeypatch.setattr(series, "_checkpoint_pass", spy)
-    again = dyn.dynamics(run, store=store, layers=["conv1", LAYER, "fc"], **SMALL)
+    with caplog.at_level("INFO", logger="layerlab"):
+        again = dyn.dynamics(run, store=store, layers=["conv1", LAYER, "fc"], **SMALL)
     assert seen == [(("conv1",), (), ())] * 3
+    assert [r.getMessage() for r in caplog.records if r.name == "layerlab"] == [  # said before the work (issue 16)
+        f"{n - 1} of {n} dynamics results (table x layer) of {run.name} already done (in {store}); computing 1"]
     pd.testing.assert_frame_equal(again["cka"], t["cka"])
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from matplotlib.colors import to_rgb, to_rgba
 
+from layerlab.plots import color_of, colors_for
 from layerlab.plots import criticality as crit
 from layerlab.plots import dynamics as dynp
 from layerlab.plots import invariance as invp
@@ -134,8 +135,11 @@ def test_vs_attribute_draws_a_line_per_category_through_the_averages():
     assert lines["adv"].get_ydata().tolist() == pytest.approx([_average("adv1"), _average("adv3")])
     assert lines["base"].get_xdata().tolist() == [0.0]
     assert lines["base"].get_ydata().tolist() == pytest.approx([_average("baseline")])
-    assert sorted(_texts(ax)) == ["adv1", "adv3", "baseline"]
+    # one and two budgets per category: points, not lines, each labelled with its model and value
+    assert all(line.get_linestyle() == "None" and line.get_marker() == "o" for line in ax.lines)
+    assert sorted(_texts(ax)) == [f"{m} ({_average(m):.0f} %)" for m in ("adv1", "adv3", "baseline")]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["base", "adv"]
+    assert _ticks(ax.get_xticklabels()) == ["0", "1", "3"]
     assert ax.get_xlabel() == "budget" and ax.get_ylabel() == "average criticality [%]"
     assert ax.get_title() == "Average criticality vs budget"
 
@@ -155,18 +159,21 @@ def test_vs_accuracy_scatters_averages_against_accuracy_with_rho():
                               f"Spearman rho = {rho.statistic:+.2f} (p = {rho.pvalue:.2g}, n = 4)")
     assert ax.get_xlabel() == "accuracy" and ax.get_ylabel() == "average criticality [%]"
     assert sorted(_texts(ax)) == sorted(MODELS)
-    # without attrs: the accuracy on the criticality images, one category
+    # without attrs: the accuracy on the criticality images, no categories: a point per model in its colour
     ax = crit.vs_accuracy(_summary()).axes[0]
     assert ax.get_xlabel() == "accuracy on the criticality images"
-    assert len(ax.collections) == 1 and ax.collections[0].get_label() == "all"
-    np.testing.assert_allclose(ax.collections[0].get_offsets().data, [(BASE_ACC[m], _average(m)) for m in MODELS])
+    assert [c.get_label() for c in ax.collections] == MODELS
+    for c, m in zip(ax.collections, MODELS):
+        np.testing.assert_allclose(c.get_offsets().data, [(BASE_ACC[m], _average(m))])
+        assert to_rgb(c.get_facecolor()[0]) == to_rgb(color_of(m))
+    assert ax.get_legend() is None  # the points' labels name the models
 
 
 def test_accuracy_scatter_without_a_rho():
     table = pd.DataFrame({"model": ["a", "b"], "accuracy": [0.5, 0.6], "mean_criticality": [10.0, 20.0]})
     ax = crit.accuracy_scatter(table, {"n": 2, "rho": math.nan, "p": math.nan}).axes[0]
     assert ax.get_title() == "Average criticality vs accuracy\nSpearman rho: n/a (n = 2)"
-    assert ax.collections[0].get_offsets().data.tolist() == [[0.5, 10.0], [0.6, 20.0]]
+    assert [c.get_offsets().data.tolist() for c in ax.collections] == [[[0.5, 10.0]], [[0.6, 20.0]]]
     assert ax.get_xlabel() == "test accuracy"
 
 
@@ -285,6 +292,37 @@ def test_accuracy_curves_train_clean_and_test():
     assert _texts(a) == ["100% at 2"] and _texts(b) == []
     assert a.get_ylim() == (0, 1.02) and a.get_ylabel() == "accuracy"
     assert (a.get_title(), b.get_title()) == ("a", "b")
+    # colour = run (one colour per run, as in every figure), style = series; the legend shows the styles
+    want = colors_for(["a", "b"])
+    for ax, run in ((a, "a"), (b, "b")):
+        drawn = [line for line in ax.lines if not line.get_label().startswith("_")]
+        assert {to_rgb(line.get_color()) for line in drawn} == {to_rgb(want[run])}
+    assert want["a"] != want["b"]
+    assert [line.get_linestyle() for line in a.lines if not line.get_label().startswith("_")] == ["-", "-.", "--"]
+    assert [t.get_text() for t in a.get_legend().get_texts()] == ["train (labels trained on)", "train (clean labels)",
+                                                                   "test"]
+
+
+def test_accuracy_curves_take_the_run_colours_of_the_methods():
+    training = pd.concat([_training().assign(run=name) for name in ("resnet-adam", "vit-tract")])
+    a, b = dynp.accuracy_curves(training).axes
+    assert to_rgb(a.lines[0].get_color()) == to_rgb(color_of("adam"))
+    assert to_rgb(b.lines[0].get_color()) == to_rgb(color_of("tract"))
+
+
+def test_series_over_two_epochs_are_points_not_lines():
+    training = _training()
+    training = training[training["epoch"] < 3]  # epochs 0 and 1
+    for line in dynp.accuracy_curves(training).axes[0].lines:
+        if not line.get_label().startswith("_"):
+            assert line.get_linestyle() == "None" and line.get_marker() == "o"
+    probes = pd.DataFrame([{"run": "a", "layer": "fc", "label": "L0", "epoch": e, "test_acc": 0.5} for e in (0, 1)])
+    ax = dynp.probe_accuracy(probes, training).axes[0]
+    drawn = {line.get_label(): line for line in ax.lines}
+    assert drawn["L0"].get_linestyle() == "None" and drawn["L0"].get_marker() == "."
+    assert drawn["network (test)"].get_linestyle() == "None"
+    three = pd.concat([probes, probes.iloc[:1].assign(epoch=3)])
+    assert dynp.probe_accuracy(three).axes[0].lines[0].get_linestyle() == "-"  # three epochs: a line
 
 
 def test_decision_regions_colour_opacity_and_anchors():
@@ -393,6 +431,11 @@ def test_layer_curves_series_compression_and_losses():
     assert loss == {"pt final": [0.1, 0.2, 0.3], "pt noise": [1.0, 1.1, 1.2],
                     "ft final": [0.15, 0.25, 0.35], "ft noise": [1.05, 1.15, 1.25]}
     assert losses.get_yscale() == "log"
+    colour = {line.get_label(): to_rgb(line.get_color()) for line in losses.lines}
+    assert colour["pt final"] == colour["pt noise"] == to_rgb(color_of("pretrained"))
+    assert colour["ft final"] == colour["ft noise"] == to_rgb(color_of("finetuned"))
+    assert {to_rgb(line.get_color()) for line in compression.lines[1:]} == {to_rgb(color_of("finetuned"))}
+    assert all(line.get_linestyle() != "None" for line in curves.lines)  # three layers: lines
     assert [ax.get_title() for ax in fig.axes] == ["shared invariances per layer",
                                                    "compression: where pt_i's invariances sit",
                                                    "inversion matching loss (mean over images)"]
@@ -438,11 +481,23 @@ def test_tract_curves_mean_and_spread_per_panel(tmp_path, monkeypatch):
     assert [ax.get_title() for ax in fig.axes] == ["ADAM, 10 epochs", "SGD, 20 epochs"]  # sorted panels
     ax = fig.axes[0]
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("epoch", "test accuracy")
-    lines = {line.get_label(): line for line in ax.lines}
+    lines = {line.get_label(): line for line in ax.lines if not line.get_label().startswith("_")}
     assert set(lines) == {"vanilla (n=2)", "tract (n=3)"}
     assert lines["vanilla (n=2)"].get_xdata().tolist() == [1, 2]
     assert lines["vanilla (n=2)"].get_ydata().tolist() == pytest.approx([0.605, 0.705])
     assert lines["tract (n=3)"].get_ydata().tolist() == pytest.approx([0.71, 0.81])
-    band = ax.collections[1].get_paths()[0].vertices[:, 1]  # tract: mean +- std over its 3 seeds (std 0.01)
-    assert band.min() == pytest.approx(0.70) and band.max() == pytest.approx(0.82)
+    assert to_rgb(lines["tract (n=3)"].get_color()) == to_rgb(color_of("tract"))
+    assert to_rgb(lines["vanilla (n=2)"].get_color()) == to_rgb(color_of("vanilla"))
+    # two epochs: points with error bars (mean +- std over seeds), no connecting line and no band
+    assert all(line.get_linestyle() == "None" for line in lines.values())
+    bars = ax.collections[1].get_segments()  # tract: mean +- std over its 3 seeds (std 0.01)
+    assert [tuple(seg[:, 1]) for seg in bars] == [pytest.approx((0.70, 0.72)), pytest.approx((0.80, 0.82))]
     assert fig.get_suptitle().startswith("TrAct (first layer")
+    # three epochs: a line through the means and a band of mean +- std
+    more = pd.concat([curves, curves[curves["epoch"] == 2].assign(epoch=3)])
+    tractp.plot_curves(more, tmp_path / "more")
+    ax = drawn[-1].axes[0]
+    tract = next(line for line in ax.lines if line.get_label() == "tract (n=3)")
+    assert tract.get_linestyle() == "-" and tract.get_xdata().tolist() == [1, 2, 3]
+    band = ax.collections[1].get_paths()[0].vertices[:, 1]
+    assert band.min() == pytest.approx(0.70) and band.max() == pytest.approx(0.82)

@@ -219,7 +219,7 @@ def test_each_inversion_is_computed_once_in_memory_on_disk_and_in_the_store(imag
     assert len(calls) == 3 * len(LAYERS) + 2
 
 
-def test_store_run_resumes_without_recomputing(images, tmp_path, monkeypatch):
+def test_store_run_resumes_without_recomputing(images, tmp_path, monkeypatch, caplog):
     pt = Tiny(0)
     ft = _finetuned(pt)
     store = Store(tmp_path / "out")
@@ -227,7 +227,11 @@ def test_store_run_resumes_without_recomputing(images, tmp_path, monkeypatch):
     assert len(store.paths("invariance")) == 2 * len(LAYERS)
     assert len(list((tmp_path / "out" / "cache" / "inversions").glob("*.pt"))) == 2 * len(LAYERS)
     monkeypatch.setattr(inversion, "invert", lambda *a, **k: pytest.fail("an inversion was recomputed"))
-    second = invariance_grid(pt, ft, data=images, layers=LAYERS, steps=3, store=store)
+    with caplog.at_level("INFO", logger="layerlab"):
+        second = invariance_grid(pt, ft, data=images, layers=LAYERS, steps=3, store=store)
+    n = 2 * len(LAYERS)
+    assert [r.getMessage() for r in caplog.records if r.name == "layerlab"] == [  # said before the work (issue 16)
+        f"{n} of {n} invariance jobs (model x layer) already done (in {tmp_path / 'out'}); running 0"]
     pd.testing.assert_frame_equal(first["grid"], second["grid"])
     pd.testing.assert_frame_equal(first["summary"], second["summary"])
     assert len(store.read("invariance")) == len(first["grid"])

@@ -131,13 +131,51 @@ def test_report_holds_every_section(demo_like):
     assert len(crit.figures) >= 4 and all(p.suffix == ".png" for p in crit.figures)
     assert crit.shards["model"].tolist() and set(crit.versions.columns) >= {"torch", "shards"}
     assert data.analyses[1].figures[0].suffix == ".svg"
-    assert data.correlations["n"].iloc[0] == 3 and data.correlation_figure[:4] == b"\x89PNG"
+    assert data.correlations["n"].iloc[0] == 3 and len(data.per_model) == 3
     assert len(data.failures) == 1 and data.sweeps[0]["name"] == "demo-like"
     path = write_report(demo_like)
     page = path.read_text()
     assert path == demo_like / "report.html" and oct(path.stat().st_mode)[-3:] != "600"
-    assert "http://" not in page.replace("http://www.w3.org", "") and "https://" not in page  # nothing fetched
-    assert page.count("<img ") == len(crit.figures) + 2  # + the SVG + the correlation scatter
+    from layerlab.report.views import plotly_js
+
+    assert plotly_js() in page  # embedded, not linked
+    ours = page.replace(plotly_js(), "")  # plotly.js holds URL strings it never loads (the browser test checks requests)
+    assert "http://" not in ours.replace("http://www.w3.org", "") and "https://" not in ours
+    # every static figure but the accuracy scatter (drawn interactively instead), the SVG, the lightbox's <img>
+    shown = [p for p in crit.figures if p.stem != "criticality_vs_accuracy"]
+    assert page.count("<figure") == len(shown) + 1 and page.count("<img ") == len(shown) + 2
+    assert ">Layer criticality</h2>" in page and ">Training runs</h2>" in page and "<h2>training</h2>" not in page
+    assert "Gavrikov" in page and "This run." in page  # the introduction, with this run's numbers
+    assert 'id="compare-a"' in page and page.count('class="plot"') >= 4  # views + the comparison's panels
+
+
+def test_summaries_aggregate_only_measures():
+    from layerlab.report import SUMMARIES
+
+    tract = pd.DataFrame({"optimizer": ["sgd"] * 4, "method": ["vanilla"] * 2 + ["tract"] * 2, "budget": [6] * 4,
+                          "seed": [0, 1, 0, 1], "epoch": [6] * 4, "test_acc": [0.5, 0.7, 0.8, 0.9]})
+    s = SUMMARIES.get("tract")(tract)
+    assert "epoch" not in s.columns and "seed" not in s.columns
+    assert s.set_index("method")["final_test_acc"].round(6).to_dict() == {"vanilla": 0.6, "tract": 0.85}
+    assert s["seeds"].tolist() == [2, 2]
+    cka = pd.DataFrame({"run": ["r"] * 4, "layer": ["a", "a", "b", "b"], "label": ["a", "a", "b", "b"],
+                        "epoch_a": [0, 0, 0, 0], "epoch_b": [5, 9, 5, 9], "cka": [0.9, 0.8, 0.7, 0.4]})
+    c = SUMMARIES.get("dynamics-cka")(cka).iloc[0]
+    assert c["CKA first-last (mean over layers)"] == pytest.approx(0.6) and c["layer that changed most"] == "b"
+    g = generic_summary(pd.DataFrame({"model": ["m", "m"], "ref_index": [1, 4], "seed": [0, 1], "v": [1.0, 2.0],
+                                      "epoch_a": [2, 5]}))
+    assert g.columns.tolist() == ["model", "rows", "mean v"]
+
+
+def test_titles_in_words_and_intros_with_numbers(demo_like):
+    from layerlab.report import title
+    from layerlab.report.text import intro_html
+
+    assert title("dynamics-cka") == "CKA between checkpoints" and title("my_new-analysis") == "My new analysis"
+    crit = collect(demo_like).analyses[0].table
+    text = intro_html("criticality", {"criticality": crit})
+    per = crit.groupby(["model", "layer"])["criticality"].mean()
+    assert f"mean criticality {per.mean():.1f} %" in text and "3 models" in text
 
 
 def test_demo_step_writes_the_report_and_prints_its_path(demo_like, capsys):
@@ -234,6 +272,12 @@ class DevTools:
             os.close(self._r)
 
 
+def _png_size(png: bytes) -> tuple[int, int]:
+    import struct
+
+    return struct.unpack(">II", png[16:24])
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (apt-get install chromium; see .ci/install-system.sh)")
 def test_report_in_headless_chromium(demo_like, tmp_path):
     path = write_report(demo_like)
@@ -241,36 +285,71 @@ def test_report_in_headless_chromium(demo_like, tmp_path):
     try:
         target = browser.call("Target.createTarget", {"url": "about:blank"})["targetId"]
         sid = browser.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
-        for domain in ("Page", "Runtime", "Log"):
+        for domain in ("Page", "Runtime", "Log", "Network"):
             browser.call(f"{domain}.enable", session=sid)
-        browser.call("Emulation.setDeviceMetricsOverride", {"width": 1280, "height": 900, "deviceScaleFactor": 1,
+        browser.call("Emulation.setDeviceMetricsOverride", {"width": 1400, "height": 900, "deviceScaleFactor": 1,
                                                              "mobile": False}, sid)
         browser.call("Page.navigate", {"url": path.resolve().as_uri()}, sid)
         browser.wait_for("Page.loadEventFired")
         images = browser.evaluate(sid, "Promise.all([...document.images].map(i => i.decode().then(() => 0, () => 0)))"
-                                       ".then(() => [...document.images].map(i => [i.alt, i.complete, i.naturalWidth]))")
-        assert len(images) >= 6, images  # 4+ criticality figures, the SVG, the correlation scatter
+                                       ".then(() => [...document.querySelectorAll('figure img')].map(i => [i.alt, i.complete, i.naturalWidth]))")
+        assert len(images) >= 4, images  # 3+ criticality figures (the scatter is interactive), the SVG
         assert all(ok and width > 0 for _, ok, width in images), images
-        sections = browser.evaluate(sid, "[...document.querySelectorAll('main > section')].map(s => s.id)")
-        assert sections == ["a-criticality", "a-extra", "a-probe", "a-training", "correlation", "runs"]
+        sections = browser.evaluate(sid, "[...document.querySelectorAll('main > section')].map(s => [s.id, s.querySelector('h2').textContent])")
+        assert [s[0] for s in sections] == ["a-criticality", "a-training", "a-extra", "a-probe", "compare", "runs"]
+        assert [s[1] for s in sections] == ["Layer criticality", "Training runs", "Extra", "Probe",
+                                            "Two models side by side", "Sweeps and failures"]
+        # every section and table titled in words, not in raw keys
+        titles = browser.evaluate(sid, "[...document.querySelectorAll('h2, h3')].map(h => h.textContent)")
+        assert all(t[:1].isupper() and "_" not in t and not any(ch == "-" for ch in t.split()[0]) for t in titles), titles
         text = browser.evaluate(sid, "document.body.innerText")
         assert "Spearman rho" in text and "failing on purpose" in text and "torch" in text and "zoo.csv" in text
+        assert "What it measures." in text and "This run." in text
+        # every interactive view draws (plotly marks its node), the comparison too
+        drawn = browser.evaluate(sid, "(() => { const n = layerlabRenderAll(); return [n, "
+                                      "document.querySelectorAll('.js-plotly-plot').length]; })()")
+        assert drawn[0] >= 3 and drawn[1] >= drawn[0] + 1, drawn
+        heat = browser.evaluate(sid, "document.querySelector('[data-view=criticality-heatmap] .plot').data[0].z.length")
+        assert heat == 3  # one row per model
+        # the comparison redraws for the chosen models
+        pick = ("(() => { const a = document.getElementById('compare-a'), b = document.getElementById('compare-b');"
+                " a.value = 'adam'; b.value = 'label-noise'; b.dispatchEvent(new Event('change'));"
+                " return document.getElementById('compare-criticality').data.map(t => t.name); })()")
+        assert browser.evaluate(sid, pick) == ["adam", "label-noise"]
+        # every figure enlarges on click, and the lightbox closes again
+        enlarge = ("(() => [...document.querySelectorAll('figure img')].map(img => { img.click();"
+                   " const box = document.getElementById('lightbox'); const ok = box.classList.contains('open')"
+                   " && box.querySelector('img').src === img.src && getComputedStyle(box).display === 'block';"
+                   " box.click(); return ok && !box.classList.contains('open'); }))()")
+        assert all(browser.evaluate(sid, enlarge))
+        width = browser.evaluate(sid, "Math.max(...[...document.querySelectorAll('figure img')].map(i => i.getBoundingClientRect().width))")
+        assert width >= 600  # readable at 1,400 px (the old page capped figures at 520 px)
+        # a filter box hides the rows without the word
+        filt = ("(() => { const box = document.querySelector('#a-criticality details input.filter');"
+                " const t = box.parentElement.querySelector('table'); box.value = 'label-noise';"
+                " box.dispatchEvent(new Event('input')); const rows = [...t.tBodies[0].rows];"
+                " const shown = rows.filter(r => r.style.display !== 'none');"
+                " return [rows.length, shown.length, shown.every(r => r.textContent.includes('label-noise'))]; })()")
+        total, shown, right = browser.evaluate(sid, filt)
+        assert 0 < shown < total and right
         # clicking a header sorts its table: the per-model summary of criticality by mean criticality, both ways
-        order = ("(() => { const t = document.querySelector('#a-criticality table.sortable');"
+        order = ("(() => { const t = document.querySelector('#t-criticality table.sortable');"
                  " const th = [...t.tHead.rows[0].cells].find(c => c.textContent === 'criticality'); th.click();"
                  " const col = th.cellIndex; return [...t.tBodies[0].rows].map(r => Number(r.cells[col].dataset.v)); })()")
         up, down = browser.evaluate(sid, order), browser.evaluate(sid, order)
         assert up == sorted(up) and down == sorted(up, reverse=True) and len(up) == 3
         height = browser.call("Page.getLayoutMetrics", session=sid)["cssContentSize"]["height"]
         shot = browser.call("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True,
-                                                       "clip": {"x": 0, "y": 0, "width": 1280,
+                                                       "clip": {"x": 0, "y": 0, "width": 1400,
                                                                 "height": min(height, 8000), "scale": 1}}, sid)
         png = base64.b64decode(shot["data"])
         browser.evaluate(sid, "1")  # drain events that arrived after the load
         assert browser.problems() == []
+        requests = [e["params"]["request"]["url"] for e in browser.events if e.get("method") == "Network.requestWillBeSent"]
+        assert requests and all(u.startswith(("file:", "data:", "about:")) for u in requests), requests
     finally:
         browser.close()
-    assert png[:4] == b"\x89PNG" and len(png) > 50_000
+    assert png[:4] == b"\x89PNG" and _png_size(png)[0] == 1400 and _png_size(png)[1] >= 2000 and len(png) > 100_000
     (tmp_path / "report.png").write_bytes(png)
     if os.environ.get("LAYERLAB_SCREENSHOT"):  # keep it for a person to look at
         Path(os.environ["LAYERLAB_SCREENSHOT"]).write_bytes(png)

@@ -4,7 +4,7 @@ One way in for each kind of input (``load_model``, ``load_data``), analyses as p
 tidy pandas tables, and a store that persists them as Parquet shards. The public API, ``import layerlab as ll``:
 
 * analyses: ``ll.criticality``, ``ll.module_criticality``, ``ll.dynamics``, ``ll.compare``, ``ll.invert``,
-  ``ll.invariance_grid``; similarity: ``ll.linear_cka``, ``ll.rbf_cka``, ``ll.CKAAccumulator``;
+  ``ll.invariance_grid``, ``ll.prune``; similarity: ``ll.linear_cka``, ``ll.rbf_cka``, ``ll.CKAAccumulator``;
 * training: ``ll.train``, ``ll.TrAct``, ``ll.apply_tract``;
 * inputs: ``ll.load_model``, ``ll.load_data``, ``ll.list_layers``.
 
@@ -35,7 +35,7 @@ sys.modules[__name__].__class__ = Package
 __all__ = sorted(EXPORTS)
 
 if TYPE_CHECKING:  # what static checkers and IDEs see; at run time names load lazily in __getattr__
-    from . import criticality, dynamics, train
+    from . import criticality, dynamics, prune, train
     from .criticality import module_criticality
     from .data import ImageData, load_data
     from .dynamics import compare

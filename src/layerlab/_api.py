@@ -21,6 +21,7 @@ EXPORTS: dict[str, tuple[str, str | None]] = {
     "compare": ("dynamics", "compare"),
     "invert": ("invariance", "invert"),
     "invariance_grid": ("invariance", "invariance_grid"),
+    "prune": ("prune", None),
     # representational similarity
     "linear_cka": ("similarity", "linear_cka"),
     "rbf_cka": ("similarity", "rbf_cka"),

@@ -18,7 +18,7 @@ from .registry import Registry
 from .store import Store, job_key
 
 DEMO_STEPS: Registry[Callable[["DemoContext"], None]] = Registry("demo step")
-ORDER: list[str] = ["zoo", "criticality", "tract", "dynamics", "over-training", "invariance", "report"]
+ORDER: list[str] = ["zoo", "criticality", "tract", "dynamics", "over-training", "invariance", "prune", "report"]
 
 
 @dataclass

@@ -6,13 +6,14 @@ Layout::
     OUT/jobs/<kind>/<key>.json               a sweep job of an analysis that writes its own shards: finished
 
 A shard appears only complete (temp file in the same folder, fsync, ``os.replace``), so a crash or a kill
-never leaves a torn shard, and re-running skips every key whose shard exists. Two writers of the same key
-write identical content, and the rename makes one of them win whole.
+never leaves a torn shard, and re-running skips every key whose shard exists (and says so first, in one line:
+:func:`resumed`). Two writers of the same key write identical content, and the rename makes one of them win whole.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -23,6 +24,27 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import LayerlabError
+
+#: where layerlab reports what is neither a result nor a warning (what a re-run skips); the CLI prints its INFO lines
+LOG = logging.getLogger("layerlab")
+
+
+def resumed(done: int, total: int, where: str | Path | None = None, *, unit: str = "jobs",
+            state: str = "already done", doing: str = "running") -> str | None:
+    """Say once, before the work, what a re-run skips: ``90 of 132 jobs already done (in OUT); running 42``.
+
+    Logged at INFO on the ``layerlab`` logger (:data:`LOG`): the CLI prints it, a Python caller sees it with
+    ``logging.basicConfig(level="INFO")``. Returns the line, or None (and logs nothing) when nothing was done before.
+
+    >>> resumed(90, 132, "out")
+    '90 of 132 jobs already done (in out); running 42'
+    """
+    if done <= 0:
+        return None
+    place = f" (in {where})" if where is not None else ""
+    line = f"{done} of {total} {unit} {state}{place}; {doing} {total - done}"
+    LOG.info(line)
+    return line
 
 
 def atomic_write(path: Path, write: Callable[[Any], None]) -> Path:

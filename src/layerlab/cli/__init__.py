@@ -3,26 +3,61 @@
 Each command family lives in its own module with a ``register(app)`` function. Usage errors (unknown
 option, missing or malformed value) and user errors (:class:`layerlab.errors.LayerlabError`, e.g. an --out
 that cannot be written) print one ``error:`` line, no traceback, and exit with status 2 before any work.
+
+``layerlab --help`` answers without importing torch: the command modules import torch, pandas and the analyses
+inside their command functions, and the commands generated from analysis contracts (:func:`add_analysis_commands`,
+which imports the analyses) are added only when needed: for a command name no hand-written command has, or for
+the command list when plugins are configured (``$LAYERLAB_PLUGINS``) or already registered.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
 import os
 import sys
-from typing import NoReturn
+from typing import Any, Iterator, NoReturn
 
 import typer
+from typer.core import TyperGroup
 
 from ..errors import LayerlabError
 
+
+class _Commands(TyperGroup):
+    """The root command group: hand-written commands at once, commands generated from analysis contracts on demand."""
+
+    def _add_generated(self) -> None:
+        """Add the generated commands to ``app`` and to this (already built) group."""
+        if add_analysis_commands():
+            for name, command in typer.main.get_command(app).commands.items():  # type: ignore[attr-defined]
+                self.commands.setdefault(name, command)
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        from ..analysis import ANALYSES, PLUGINS_ENV
+
+        if os.environ.get(PLUGINS_ENV) or ANALYSES.names():  # else every analysis has a hand-written command
+            self._add_generated()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        if command is None:
+            self._add_generated()
+            command = super().get_command(ctx, cmd_name)
+        return command
+
+
 app = typer.Typer(
+    cls=_Commands,
     name="layerlab",
     help=(
         "How a vision model uses its layers and how training shapes them.\n\n"
         "Models are specs: timm:resnet18?num_classes=10, torchvision:resnet50:IMAGENET1K_V2, file:run/final.pt. "
         "Data are specs: digits (embedded, offline), cifar10:DIR, cifar100:DIR, imagefolder:DIR, imagenet-val:DIR "
         "(add ?skip_bad=true to skip and list unreadable image files). "
-        "Start with `layerlab demo`."
+        "Start with `layerlab demo`.\n\n"
+        "Example: layerlab demo --out layerlab-demo"
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -63,7 +98,7 @@ def _root(
 
 
 # One module per command family; each adds its commands to ``app``.
-COMMAND_MODULES = ["train", "results", "demo", "criticality", "dynamics", "invariance", "sweep"]
+COMMAND_MODULES = ["train", "results", "demo", "criticality", "dynamics", "invariance", "prune", "sweep"]
 for _name in COMMAND_MODULES:
     importlib.import_module(f"{__name__}.{_name}").register(app)
 
@@ -82,9 +117,6 @@ def add_analysis_commands(app: typer.Typer = app) -> list[str]:
         (resolve(a.cli) or (lambda app_: register(app_, a)))(app)
         added.append(a.name)
     return added
-
-
-add_analysis_commands()
 
 
 def _click_errors() -> tuple[type[Exception], ...]:
@@ -112,6 +144,29 @@ def _interrupted() -> NoReturn:
     sys.exit(130)
 
 
+class _Notes(logging.Handler):
+    """Prints the ``layerlab`` logger's INFO lines (what a re-run skips) on stderr, above any progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _notes_shown() -> Iterator[None]:
+    """While a command runs: the ``layerlab`` logger's INFO lines on stderr (detached after, for in-process callers)."""
+    log, handler = logging.getLogger("layerlab"), _Notes()
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
 def main() -> None:
     """Entry point: run the app; usage errors and user errors print one line and exit with status 2.
 
@@ -119,7 +174,8 @@ def main() -> None:
     the status of ``typer.Exit`` (and 130 for Ctrl-C) instead of exiting, so it is passed on here.
     """
     try:
-        status = app(prog_name="layerlab", standalone_mode=False)
+        with _notes_shown():
+            status = app(prog_name="layerlab", standalone_mode=False)
     except LayerlabError as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         sys.exit(2)

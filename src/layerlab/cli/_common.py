@@ -1,17 +1,23 @@
-"""Small helpers shared by the CLI modules."""
+"""Small helpers shared by the CLI modules.
+
+Nothing heavy is imported at module level (no torch, pandas or rich): ``layerlab --help`` builds every command's
+options from these modules, and must answer without importing torch.
+"""
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
-
-import pandas as pd
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import LayerlabError
-from ..models import _parse_value
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+#: one wording of --device and --threads for every command that computes
+DEVICE_HELP = "cpu, cuda, cuda:N or auto (cuda where available)."
+THREADS_HELP = "torch CPU threads of this process (default: torch's own, usually one per core)."
 
 
 def check_out(path: Path, *, kind: Literal["folder", "file"] = "folder", option: str = "--out",
@@ -66,6 +72,7 @@ def check_out(path: Path, *, kind: Literal["folder", "file"] = "folder", option:
 
 
 def set_threads(threads: int | None) -> None:
+    """``--threads N``: torch's CPU threads for this process (None or 0: torch's own default)."""
     if threads:
         import torch
 
@@ -74,6 +81,8 @@ def set_threads(threads: int | None) -> None:
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """['lr=0.1', 'augment=augmix'] -> {'lr': 0.1, 'augment': 'augmix'}."""
+    from ..models.specs import _parse_value  # values parse as in model specs
+
     out = {}
     for item in items:
         if "=" not in item:
@@ -85,6 +94,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def print_frame(df: pd.DataFrame, title: str = "", max_rows: int = 60) -> None:
     """Print a DataFrame as a rich table (floats to 4 significant digits)."""
+    from rich.console import Console
+    from rich.table import Table
+
     t = Table(title=title or None)
     for c in df.columns:
         t.add_column(str(c))
@@ -97,6 +109,8 @@ def print_frame(df: pd.DataFrame, title: str = "", max_rows: int = 60) -> None:
 
 def _cell(v: object) -> str:
     """One printed cell: floats to 4 significant digits, a list (per-image values) by its length."""
+    import pandas as pd
+
     if v is None or v is pd.NA or (isinstance(v, float) and v != v):
         return ""  # a missing value (an empty CSV field, a NaN): blank, not "nan"
     if isinstance(v, float):

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Optional
 import typer
 
 from ..errors import LayerlabError
-from ._common import check_out
+from ._common import DEVICE_HELP, THREADS_HELP, check_out
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -42,11 +42,14 @@ def register(app: typer.Typer) -> None:
         ),
         data: str = typer.Option("digits", "--data", "-d", help="Data spec: digits, cifar10:DIR, imagenet-val:DIR ..."),
         split: Optional[str] = typer.Option(
-            None, help="Data split; default test, and train with --module (Chatterji et al. measure on training data).",
+            None, help="Data split; default test, and train with --module because Chatterji et al. measure module "
+            "criticality on the training data.",
         ),
         images: Optional[int] = typer.Option(
             None, "--images", "-n",
-            help="A fixed seeded subset of this many images (default all).",
+            help="A fixed seeded subset of this many images of --split; default all of them, because every layer "
+            "and trial sees the same images and the interval narrows with more (dynamics and compare default to "
+            "256, invariance to 128: per image they cost far more). --precision stops early per layer.",
         ),
         trials: int = typer.Option(
             3, "--trials", "-t",
@@ -62,7 +65,8 @@ def register(app: typer.Typer) -> None:
         ),
         mode: Optional[list[str]] = typer.Option(
             None, "--mode", "-m",
-            help="randomize (default), reinit or checkpoint; repeatable.",
+            help="randomize (Gavrikov et al.; the default because it is the paper's measure), reinit or checkpoint "
+            "(Zhang et al.; need --run); repeatable.",
         ),
         run: Optional[Path] = typer.Option(
             None, "--run",
@@ -86,9 +90,12 @@ def register(app: typer.Typer) -> None:
             help="Chatterji et al. module criticality instead (needs --run).",
         ),
         eps_factor: float = typer.Option(1.01, "--eps-factor", help="--module: epsilon = this x the trained loss."),
-        batch_size: int = typer.Option(128, "--batch-size", "-b", help="Images per forward pass (memory only)."),
-        threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's own)."),
-        device: str = typer.Option("cpu", "--device", help="cpu or cuda (cuda: bf16 autocast and channels_last)."),
+        batch_size: int = typer.Option(
+            128, "--batch-size", "-b", help="Images per forward pass: memory only (with --precision also where "
+            "sampling stops). dynamics and compare default to 64 because there it is the CKA estimator's minibatch.",
+        ),
+        threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
+        device: str = typer.Option("cpu", "--device", help=DEVICE_HELP + " On cuda: bf16 autocast and channels_last."),
         naive: bool = typer.Option(
             False, "--naive",
             help="Reference implementation: full forward per layer and trial.",

@@ -6,21 +6,29 @@ from typing import Optional
 
 import typer
 
-from ._common import check_out, print_frame, set_threads
+from ._common import DEVICE_HELP, THREADS_HELP, check_out, print_frame, set_threads
 
 
 def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo_cmd(
-        out: Path = typer.Option(Path("layerlab-demo"), "--out", "-o", help="Output folder (re-running resumes)."),
-        step: list[str] = typer.Option([], "--step", help="Run only these steps (repeatable); default all, in order."),
-        device: str = typer.Option("cpu", help="cpu or cuda."),
-        threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: all cores)."),
+        out: Path = typer.Option(
+            Path("layerlab-demo"), "--out", "-o", help="Output folder (re-running resumes). It has a default, unlike "
+            "every other command's --out, because the demo runs with no arguments at all.",
+        ),
+        step: list[str] = typer.Option(
+            [], "--step", help="Run only these steps (repeatable), e.g. --step zoo --step criticality; default all, in "
+            "order (a run ends by listing them).",
+        ),
+        device: str = typer.Option("cpu", help=DEVICE_HELP),
+        threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     ) -> None:
         """Train the demo zoo on the embedded digits data and run every analysis on it, offline.
 
         Writes OUT/zoo (trained runs), OUT/shards (tidy Parquet tables), figures and a report. Takes a few
         minutes on a 2-core CPU; a killed demo resumes where it stopped.
+
+        Example: layerlab demo --out layerlab-demo --step zoo --step criticality
         """
         check_out(out)
 

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from ._common import check_out, print_frame, set_threads
+from ._common import DEVICE_HELP, THREADS_HELP, check_out, print_frame, set_threads
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -20,6 +20,11 @@ TOKENS_HELP = ("How a token output [N, T, D] (a ViT block) becomes CKA features:
 NULL_HELP = ("Is each CKA above chance at your N? --null 200: CKA of 200 row-shuffled pairings (image i of one side "
              "against a random image of the other, within each batch) shows what chance reaches; adds null_mean, "
              "null_high (95th percentile), p_value and distinguishable (p < 0.05). No extra forward pass. 0: off.")
+IMAGES_HELP = ("Probe images (test split, at most its size), trimmed to whole batches. Default 256 because the CKA "
+               "features of every image are held per layer (and checkpoint); criticality, cheaper per image, "
+               "defaults to all.")
+BATCH_HELP = ("Minibatch size of the CKA estimator: part of the estimate, not only memory. Default 64 because the "
+              "default 256 images then give 4 minibatches to average; criticality and invariance use 128 (memory only).")
 BOOTSTRAP_HELP = ("--bootstrap 200: a 95% interval (ci_low, ci_high) from 200 resamples of the probe batches with "
                   "replacement: how much the CKA would move with other images. Needs >= 2 batches (8+ is steadier: "
                   "lower --batch-size). 0: off.")
@@ -35,13 +40,16 @@ def register(app: typer.Typer) -> None:
     def dynamics_cmd(
         run: Path = typer.Argument(..., help="A training run folder (run.json + checkpoints/), e.g. from `layerlab train`."),
         out: Path = typer.Option(..., "--out", "-o", help="Output folder: shards/dynamics-*/ and figures/dynamics/<run>/. Re-running resumes."),
-        data: Optional[str] = typer.Option(None, "--data", "-d", help="Data spec of the probe images (default: the run's own)."),
+        data: Optional[str] = typer.Option(
+            None, "--data", "-d", help="Data spec of the probe images; default the run's own, because its checkpoints "
+            "are compared on the data they were trained for.",
+        ),
         layers: list[str] = typer.Option([], "--layers", "-l", help=f"Layers: {LAYERS_HELP}. Default: the stem and every block; 'output' (the logits) is always added."),
         tokens: str = typer.Option("flatten", "--tokens", help=TOKENS_HELP + " Probes use the class token with cls, else the token mean."),
         epochs: list[str] = typer.Option([], "--epochs", help="Only these checkpoints (comma-separated epochs)."),
         max_checkpoints: Optional[int] = typer.Option(None, "--max-checkpoints", help="Keep at most this many checkpoints, log-spaced."),
-        images: int = typer.Option(256, "--images", "-n", help="CKA probe images (test split, at most its size), trimmed to whole batches."),
-        batch_size: int = typer.Option(64, "--batch-size", help="Minibatch size of the unbiased CKA estimator."),
+        images: int = typer.Option(256, "--images", "-n", help=IMAGES_HELP),
+        batch_size: int = typer.Option(64, "--batch-size", help=BATCH_HELP),
         triplets: int = typer.Option(500, "--triplets", help="Planes for decision-region similarity, each through three of the run's own training images (its train_n subset, noisy labels included)."),
         resolution: int = typer.Option(50, "--resolution", help="Grid points per plane axis."),
         probe_train: Optional[int] = typer.Option(1000, "--probe-train", help="Training images to fit the probes on."),
@@ -51,11 +59,13 @@ def register(app: typer.Typer) -> None:
         null: int = typer.Option(0, "--null", help=NULL_HELP),
         bootstrap: int = typer.Option(0, "--bootstrap", help=BOOTSTRAP_HELP),
         seed: int = typer.Option(0, help="Seed of the probe images, triplets, shuffles and resamples."),
-        device: str = typer.Option("cpu", help="cpu or cuda."),
-        threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+        device: str = typer.Option("cpu", help=DEVICE_HELP),
+        threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     ) -> None:
-        """How each layer's representation evolves over training (Sharon & Dar 2024): checkpoint x checkpoint CKA,
-        linear probes per checkpoint, and decision-region similarity of the probes and of the network.
+        """How each layer's representation evolves over training (Sharon & Dar 2024).
+
+        Checkpoint x checkpoint CKA, linear probes per checkpoint, and decision-region similarity of the probes and
+        of the network.
 
         Example: layerlab dynamics runs/resnet-sgd --out dyn --layers layer1.1,layer2.1,layer3.1,layer4.1 --triplets 50 --resolution 30
         """
@@ -102,14 +112,18 @@ def register(app: typer.Typer) -> None:
         layers_a: list[str] = typer.Option([], "--layers-a", help=f"Model A layers: {LAYERS_HELP}. Default: the stem and every block; 'output' is always added."),
         layers_b: list[str] = typer.Option([], "--layers-b", help="Model B layers (the same forms and default)."),
         tokens: str = typer.Option("flatten", "--tokens", help=TOKENS_HELP),
-        images: int = typer.Option(256, "--images", "-n", help="Probe images (test split, at most its size), trimmed to whole batches."),
-        batch_size: int = typer.Option(64, "--batch-size", help="Minibatch size of the unbiased CKA estimator."),
-        estimator: str = typer.Option("unbiased", help="unbiased (minibatch HSIC_1) or biased (HSIC_0 per batch)."),
+        images: int = typer.Option(256, "--images", "-n", help=IMAGES_HELP),
+        batch_size: int = typer.Option(64, "--batch-size", help=BATCH_HELP),
+        estimator: str = typer.Option(
+            "unbiased", help="unbiased (minibatch HSIC_1) or biased (HSIC_0 per batch). Default unbiased because "
+            "HSIC_0 is biased upwards on minibatches this small; invariance defaults to biased because STIR uses "
+            "standard linear CKA over all its images.",
+        ),
         null: int = typer.Option(0, "--null", help=NULL_HELP),
         bootstrap: int = typer.Option(0, "--bootstrap", help=BOOTSTRAP_HELP),
         seed: int = typer.Option(0, help="Seed of the probe images, shuffles and resamples."),
-        device: str = typer.Option("cpu"),
-        threads: Optional[int] = typer.Option(None),
+        device: str = typer.Option("cpu", help=DEVICE_HELP),
+        threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     ) -> None:
         """Layer x layer CKA between two models on the same images: a heatmap and a table.
 
@@ -120,7 +134,7 @@ def register(app: typer.Typer) -> None:
         from ..dynamics import compare
         from ..features import check_tokens
         from ..plots.dynamics import layer_heatmap, save_figure
-        from ..store import Store, job_key
+        from ..store import Store, job_key, resumed
 
         set_threads(threads)
         config = {"data": data, "layers_a": _split_list(layers_a), "layers_b": _split_list(layers_b), "images": images,
@@ -130,7 +144,9 @@ def register(app: typer.Typer) -> None:
         config |= {k: v for k, v in (("null", null), ("bootstrap", bootstrap)) if v}  # likewise
         store = Store(out)
         key = job_key(f"{spec_a} | {spec_b}", "compare", config)
-        if not store.has("compare", key):
+        if store.has("compare", key):
+            resumed(1, 1, out, unit="compare job")  # "1 of 1 compare job already done (in OUT); running 0"
+        else:
             frame = compare(spec_a, spec_b, data, layers_a=config["layers_a"] or None, layers_b=config["layers_b"] or None,
                             tokens=tokens, images=images, batch_size=batch_size, estimator=estimator, seed=seed, device=device,
                             null=null, bootstrap=bootstrap)

@@ -1,12 +1,14 @@
 """`layerlab sweep SWEEP.yaml` (jobs on the local or a Ray engine) and `layerlab report DIR` (one HTML page)."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
-from ._common import check_out, print_frame, set_threads
+from ..errors import LayerlabError
+from ._common import THREADS_HELP, check_out, print_frame, set_threads
 
 
 def register(app: typer.Typer) -> None:
@@ -19,7 +21,13 @@ def register(app: typer.Typer) -> None:
         retries: Optional[int] = typer.Option(None, "--retries", help="Extra attempts per failing job (default: the sweep file's 'retries', else 1)."),
         cpus: Optional[int] = typer.Option(None, "--cpus", help="CPUs of the local Ray cluster this starts (default: all)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="List the jobs and their status; run nothing."),
-        threads: Optional[int] = typer.Option(None, help="torch CPU threads of this process (jobs use their num_cpus)."),
+        device: Optional[str] = typer.Option(
+            None, "--device", help="cpu, cuda, cuda:N or auto, for every job; default the sweep file's device: (else "
+            "cpu), because the device is part of the sweep's job keys and the file is the record of the sweep.",
+        ),
+        threads: Optional[int] = typer.Option(
+            None, help=THREADS_HELP.rstrip(".") + "; Ray jobs use their resources' num_cpus.",
+        ),
     ) -> None:
         """Expand a sweep into jobs (train a zoo, then analyse every model) and run those not finished yet.
 
@@ -36,7 +44,7 @@ def register(app: typer.Typer) -> None:
         from ..sweep import load_sweep, plan, run_sweep
 
         set_threads(threads)
-        s = load_sweep(sweep)
+        s = _with_device(load_sweep(sweep), device)
         if dry_run:
             print_frame(plan(s, out), f"sweep {s.name}: jobs in {out}", max_rows=500)
             return
@@ -60,9 +68,13 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Write one self-contained HTML page of an output folder (OUT/report.html).
 
-        Figures, sortable tables, configs and versions, failed jobs, and the criticality/accuracy correlation.
+        Per analysis: an introduction with this run's numbers, interactive views (hover, zoom, pick models), the
+        figures (click to enlarge), sortable and filterable tables, configs and versions; the criticality/accuracy
+        correlation, two chosen models side by side, failed jobs.
 
-        The page needs no network: it opens offline in any browser.
+        The page needs no network: plotly.js and everything else are inside it; it opens offline in any browser.
+
+        Example: layerlab report layerlab-demo --html demo-report.html
         """
         if html is not None or out.is_dir():  # a missing OUT is reported by write_report
             check_out(html or out / "report.html", kind="file", option="--html" if html else "OUT")
@@ -71,3 +83,12 @@ def register(app: typer.Typer) -> None:
 
         path = write_report(out, html, max_rows=rows)
         typer.echo(f"report: {path}")
+
+
+def _with_device(sweep: Any, device: str | None) -> Any:
+    """The sweep with ``--device`` in place of its file's ``device:`` (checked as the file's is)."""
+    if device is None:
+        return sweep
+    if device not in ("cpu", "auto") and not device.startswith("cuda"):
+        raise LayerlabError(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}")
+    return dataclasses.replace(sweep, device=device)

@@ -20,7 +20,7 @@ from ..errors import LayerlabError
 from ..models import load_model
 from ..runs import checkpoints
 from ..runtime import eval_mode, model_fingerprint
-from ..store import Store, job_key
+from ..store import Store, job_key, resumed
 from .engine import _evaluate, _Task
 from .jobs import ANALYSIS, VERSION, ModelLike, _device, _named_models, _progress, _run_for
 from .metrics import _stats_compute
@@ -138,25 +138,35 @@ def criticality(
     st = Store(store) if isinstance(store, (str, Path)) else store
     job = _Job(data=data, data_key=data.fingerprint() if st is not None else "", units=units, layers=layers,
                store=st, precision="bf16" if amp else "fp32", norm=norm, target=precision)
-    rows: list[dict[str, Any]] = []
+    # first every model's jobs (and which of them the store holds), so that the bar's total is the whole call's
+    # from the start and a re-run says what it skips before any work
+    plans: list[_Plan | None] = []
     sources: dict[str, str] = {}
-    bar = _progress(0, progress, "criticality")
+    for name, spec in named.items():
+        model = load_model(spec) if isinstance(spec, str) else spec
+        run_dir = known_run(model, _run_for(name, run, len(named)))  # file:RUN/final.pt names its run
+        refs = _references(modes, trials, seed, run_dir, None if over_training else epochs)
+        for at, analysed in _over_training(name, model, run_dir, epochs) if over_training else [(None, model)]:
+            if "randomize" in modes:
+                how = _fresh_for(name, fresh, len(named))
+                sources[name] = str(_bind_fresh(job.references, name, analysed, how))
+            for s in shifts:
+                part = shifted(data, s, seed=seed, model=analysed)
+                sjob = replace(job, data=part, data_key=part.fingerprint() if st is not None else "", shift=str(s),
+                               at_epoch=at)
+                plans.append(_plan_model(sjob, name, analysed, refs, run_dir))
+    total, done = sum(p.jobs for p in plans if p), sum(len(p.rows) for p in plans if p)
+    if st is not None:
+        resumed(done, total, st.root, unit=f"{ANALYSIS} jobs")
+    rows: list[dict[str, Any]] = []
+    bar = _progress(total, progress, "criticality")
+    bar.update(done)
     try:
-        for name, spec in named.items():
-            model = load_model(spec) if isinstance(spec, str) else spec
-            run_dir = known_run(model, _run_for(name, run, len(named)))  # file:RUN/final.pt names its run
-            refs = _references(modes, trials, seed, run_dir, None if over_training else epochs)
-            for at, analysed in _over_training(name, model, run_dir, epochs) if over_training else [(None, model)]:
-                if "randomize" in modes:
-                    how = _fresh_for(name, fresh, len(named))
-                    sources[name] = str(_bind_fresh(job.references, name, analysed, how))
-                for s in shifts:
-                    part = shifted(data, s, seed=seed, model=analysed)
-                    sjob = replace(job, data=part, data_key=part.fingerprint() if st is not None else "", shift=str(s),
-                                   at_epoch=at)
-                    rows += _criticality_model(sjob, name, analysed, refs, run_dir, bar, dev=dev, amp=amp,
-                                               channels_last=channels_last, naive=naive, batch_size=batch_size,
-                                               max_bytes=cache_mb * 2**20)
+        for k, plan in enumerate(plans):
+            assert plan is not None
+            plans[k] = None  # its model's cached (e.g. adversarial) images go once it is measured
+            rows += _criticality_model(plan, bar, dev=dev, amp=amp, channels_last=channels_last, naive=naive,
+                                       batch_size=batch_size, max_bytes=cache_mb * 2**20)
     finally:
         bar.close()
     table = _rows_frame(rows)
@@ -226,16 +236,25 @@ def _over_training(
     return [(e, load_model(f"file:{found[e]}")) for e in chosen]
 
 
-def _criticality_model(
-    job: _Job,
-    name: str,
-    model: nn.Module,
-    refs: list[Reference],
-    run_dir: Path | None,
-    bar: Any,
-    **run_opts: Any,
-) -> list[dict[str, Any]]:
-    """Rows of one model: finished jobs read from the store, the others computed and written shard by shard."""
+@dataclass
+class _Plan:
+    """One model (at one checkpoint, under one shift): its jobs, the rows the store already holds and the rest."""
+
+    job: _Job
+    name: str
+    model: nn.Module
+    refs: list[Reference]
+    run_dir: Path | None
+    jobs: int  # (unit, reference) jobs in all
+    rows: list[dict[str, Any]]  # the finished jobs' rows, read from the store
+    pending: dict[str, list[Reference]]  # unit name -> references still to measure
+    config: Callable[[Unit, Reference], dict[str, Any]]  # a job's store config (its key's input)
+    units: list[Unit]
+    source: Any  # the fresh-instance source (randomize), else None
+
+
+def _plan_model(job: _Job, name: str, model: nn.Module, refs: list[Reference], run_dir: Path | None) -> _Plan:
+    """One model's jobs: the finished ones read from the store, the others listed as pending."""
     us = units_of(model, job.units, job.layers, job.norm)
     weights = model_fingerprint(model)
     st, data = job.store, job.data
@@ -262,12 +281,19 @@ def _criticality_model(
     pending: dict[str, list[Reference]] = {}
     for u in us:
         for r in refs:
-            if st is not None and st.has(ANALYSIS, job_key(name, ANALYSIS, config(u, r))):
-                    rows.extend(_stored_rows(st.read_shard(ANALYSIS, job_key(name, ANALYSIS, config(u, r))), job.shift))
+            key = job_key(name, ANALYSIS, config(u, r)) if st is not None else ""
+            if st is not None and st.has(ANALYSIS, key):
+                rows.extend(_stored_rows(st.read_shard(ANALYSIS, key), job.shift))
             else:
                 pending.setdefault(u.name, []).append(r)
-    bar.total += len(us) * len(refs)
-    bar.update(len(us) * len(refs) - sum(map(len, pending.values())))
+    return _Plan(job, name, model, refs, run_dir, len(us) * len(refs), rows, pending, config, us, source)
+
+
+def _criticality_model(plan: _Plan, bar: Any, **run_opts: Any) -> list[dict[str, Any]]:
+    """Rows of one planned model: the finished jobs' rows, the others computed and written shard by shard."""
+    job, name, model, refs, run_dir = plan.job, plan.name, plan.model, plan.refs, plan.run_dir
+    rows, pending, config, us, source = list(plan.rows), plan.pending, plan.config, plan.units, plan.source
+    st, data = job.store, job.data
     if not pending:
         return rows
     _warn_if_not_fresh(model, refs, job.references)

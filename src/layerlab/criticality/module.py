@@ -21,7 +21,7 @@ from ..errors import DataError, LayerlabError, check_finite
 from ..models import load_model
 from ..runtime import eval_mode, model_fingerprint
 from ..seeds import generator
-from ..store import Store, job_key
+from ..store import Store, job_key, resumed
 from .engine import MAX_STACK, _first_batch, _Traces
 from .jobs import MODULE_ANALYSIS, VERSION, ModelLike, _device, _named_models, _progress, _run_for
 from .pipeline import Pipeline
@@ -106,62 +106,41 @@ def module_criticality(
     data = as_batches(data, batch_size, images=images, seed=seed, split=split, arg="images=")
     st = Store(store) if isinstance(store, (str, Path)) else store
     data_key = data.fingerprint() if st is not None else ""
+    # every model's units first (and which the store holds): the bar's total is the whole call's from the start
+    plans = [_plan_model(name, spec, run, len(named), units, layers, norm, data, data_key, st,
+                         {"grid": grid, "draws": draws, "eps_factor": eps_factor, "sigma_min": sigma_min, "rtol": rtol,
+                          "seed": seed})
+             for name, spec in named.items()]
+    total, done = sum(len(p.units) for p in plans), sum(len(p.rows) for p in plans)
+    if st is not None:
+        resumed(done, total, st.root, unit=f"{MODULE_ANALYSIS} jobs")
     rows: list[dict[str, Any]] = []
-    bar = _progress(0, progress, "module criticality")
+    bar = _progress(total, progress, "module criticality")
+    bar.update(done)
     try:
-        for name, spec in named.items():
-            model = load_model(spec) if isinstance(spec, str) else spec
-            run_dir = known_run(model, _run_for(name, run, len(named)))  # file:RUN/final.pt names its run
-            if run_dir is None:
-                raise LayerlabError(
-                    f"module criticality of {name!r} needs theta_0, the weights at initialisation: pass the training "
-                    "run with --run RUN_DIR (run=...), whose checkpoints/epoch_0000.pt holds them"
-                )
-            init_path = _run_checkpoint(run_dir, 0)
-            # a unit's noise stream is its position among the norm=False units (norm units follow them), so that
-            # the flag never changes another unit's draws
-            base = [u.name for u in units_of(model, units)]
-            extra = [u.name for u in units_of(model, units, norm=True) if u.name not in set(base)] if norm else []
-            position = {n: k for k, n in enumerate(base + extra)}
-            us = units_of(model, units, layers, norm)
-            norms = {n for n, m in model.named_modules() if structure.is_norm(m)}
-            weights = model_fingerprint(model)
-            init = Reference("reinit", 0, epoch=0, path=init_path)
-            cfg_base = {
-                "version": VERSION, "weights": weights, "data": data_key,
-                "images": len(data) if st is not None else None, "units": units,
-                "grid": grid, "draws": draws, "eps_factor": eps_factor, "sigma_min": sigma_min, "rtol": rtol,
-                "seed": seed, **init.config(),
-            }
-            todo = []
-            for u in us:
-                key = job_key(name, MODULE_ANALYSIS, {**cfg_base, **_unit_key(u, norms)})
-                if st is not None and st.has(MODULE_ANALYSIS, key):
-                    rows.extend(st.read_shard(MODULE_ANALYSIS, key).to_dict("records"))
-                else:
-                    todo.append(u)
-            bar.total += len(us)
-            bar.update(len(us) - len(todo))
-            if not todo:
+        for plan in plans:
+            rows += plan.rows
+            if not plan.todo:
                 continue
-            theta0 = _ReferenceCache().get(model, init)
+            name, model, units_cfg = plan.name, plan.model, plan.cfg_base
+            theta0 = _ReferenceCache().get(model, plan.init)
             pipe = Pipeline(model, dev, amp=False, channels_last=False)
             with eval_mode(model):
                 x0, y0 = _first_batch(data, pipe.device)
                 logits0, cache0 = pipe.validate(pipe.input(x0), f"model {name!r}")
                 data.check_outputs(logits0.shape[-1], f"model {name!r}")
-                keep = {min(pipe.stage_of(p) for p in u.params) for u in todo}  # type: ignore[type-var]
+                keep = {min(pipe.stage_of(p) for p in u.params) for u in plan.todo}  # type: ignore[type-var]
                 traces = _Traces(pipe, data, keep, cache_mb * 2**20, (logits0, y0, cache0), f"model {name!r}", x0)
                 loss = _trained_loss(traces)
                 check_finite(torch.tensor(loss), what=f"the loss of model {name!r}",
                              hint="the model itself produces NaN/inf")
-                for u in todo:
-                    search = _Search(grid, draws, eps_factor, sigma_min, rtol, seed, position[u.name])
-                    row = _module_unit(pipe, model, traces, u, theta0, loss, search, _what(init, run_dir))
+                for u in plan.todo:
+                    search = _Search(grid, draws, eps_factor, sigma_min, rtol, seed, plan.position[u.name])
+                    row = _module_unit(pipe, model, traces, u, theta0, loss, search, _what(plan.init, plan.run_dir))
                     row = {"model": name, "layer": u.name, "label": u.label, "kind": u.kind, "index": u.index,
                            "units": units, "mode": "module", **row}
                     if st is not None:
-                        cfg = {**cfg_base, **_unit_key(u, norms)}
+                        cfg = {**units_cfg, **_unit_key(u, plan.norms)}
                         st.write(MODULE_ANALYSIS, job_key(name, MODULE_ANALYSIS, cfg), pd.DataFrame([row]),
                                  {"model": name, "config": cfg, "indices": data.indices.tolist()})
                     rows.append(row)
@@ -176,6 +155,54 @@ def module_criticality(
     )
     table.attrs = {"data": data.spec, "split": data.split, "indices": data.indices.tolist()}
     return table
+
+
+@dataclass
+class _ModulePlan:
+    """One model's units: those the store holds (their rows) and those still to measure."""
+
+    name: str
+    model: nn.Module
+    run_dir: Path
+    init: Reference
+    units: list[Unit]
+    todo: list[Unit]
+    rows: list[dict[str, Any]]
+    position: dict[str, int]  # unit name -> its noise stream
+    norms: set[str]
+    cfg_base: dict[str, Any]
+
+
+def _plan_model(name: str, spec: ModelLike, run: Any, n_models: int, units: str, layers: Sequence[str] | None,
+                norm: bool, data: Any, data_key: str, st: Store | None, search: dict[str, Any]) -> _ModulePlan:
+    """Load one model and list its units, reading the finished ones from the store."""
+    model = load_model(spec) if isinstance(spec, str) else spec
+    run_dir = known_run(model, _run_for(name, run, n_models))  # file:RUN/final.pt names its run
+    if run_dir is None:
+        raise LayerlabError(
+            f"module criticality of {name!r} needs theta_0, the weights at initialisation: pass the training "
+            "run with --run RUN_DIR (run=...), whose checkpoints/epoch_0000.pt holds them"
+        )
+    init = Reference("reinit", 0, epoch=0, path=_run_checkpoint(run_dir, 0))
+    # a unit's noise stream is its position among the norm=False units (norm units follow them), so that
+    # the flag never changes another unit's draws
+    base = [u.name for u in units_of(model, units)]
+    extra = [u.name for u in units_of(model, units, norm=True) if u.name not in set(base)] if norm else []
+    position = {n: k for k, n in enumerate(base + extra)}
+    us = units_of(model, units, layers, norm)
+    norms = {n for n, m in model.named_modules() if structure.is_norm(m)}
+    cfg_base = {
+        "version": VERSION, "weights": model_fingerprint(model), "data": data_key,
+        "images": len(data) if st is not None else None, "units": units, **search, **init.config(),
+    }
+    todo, rows = [], []
+    for u in us:
+        key = job_key(name, MODULE_ANALYSIS, {**cfg_base, **_unit_key(u, norms)})
+        if st is not None and st.has(MODULE_ANALYSIS, key):
+            rows.extend(st.read_shard(MODULE_ANALYSIS, key).to_dict("records"))
+        else:
+            todo.append(u)
+    return _ModulePlan(name, model, run_dir, init, us, todo, rows, position, norms, cfg_base)
 
 
 def _trained_loss(traces: _Traces) -> float:

@@ -33,7 +33,7 @@ from ..models import num_outputs
 from ..regions import sample_triplets
 from ..similarity import CKAAccumulator, pairwise_cka_inference
 from ..runtime import progress
-from ..store import Store, job_key
+from ..store import Store, job_key, resumed
 from .config import PROBE_TOKENS, TABLES, DynamicsConfig, _config
 from .passes import _checkpoint_pass, _Inputs, _warn_probe_rows
 from .training import TRIPLET_SOURCE, TRIPLET_TABLE, training_curves, training_images, triplet_table
@@ -200,6 +200,9 @@ def dynamics(
     }
     keys = {(t, v): job_key(identity, TABLES[t], key_config(t, v)) for t, vs in wanted.items() for v in vs}
     missing = {tv for tv, k in keys.items() if store is None or not store.has(TABLES[tv[0]], k)}
+    if store is not None:
+        resumed(len(keys) - len(missing), len(keys), store.root, unit=f"dynamics results (table x layer) of {run_name}",
+                doing="computing")
 
     # the planes: triplets of the run's own training images (stored, so a cached call needs no data)
     triplet_key = job_key(identity, TRIPLET_TABLE, {"triplets": cfg.triplets, "seed": cfg.seed, "source": TRIPLET_SOURCE})

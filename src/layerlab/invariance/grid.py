@@ -28,7 +28,7 @@ from ..errors import DataError, LayerlabError
 from ..features import layer_labels
 from ..models import load_model
 from ..runtime import model_fingerprint, progress, resolve_device, tensor_fingerprint
-from ..store import Store, job_key
+from ..store import Store, job_key, resumed
 from .inputs import (
     DEFAULT_RANGE,
     Bound,
@@ -225,6 +225,8 @@ def invariance_grid(
         else:
             pending.append((role, i, layer))
 
+    if st is not None:
+        resumed(len(jobs) - len(pending), len(jobs), st.root, unit="invariance jobs (model x layer)")
     if pending:
         noise = initial_noise(X.shape, seed, rng)
         grams_x = {r: _layer_grams(m, names, X, batch_size, devices[r]) for r, m in models.items()}

@@ -6,6 +6,7 @@ registers a function ``(name, weights, kwargs) -> nn.Module`` in :data:`MODEL_SO
 """
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -20,6 +21,9 @@ from ..registry import Registry
 TRUST_PICKLE_ENV = "LAYERLAB_TRUST_PICKLE"  # "1": unpickle whole modules from file: specs (the CLI's opt-in)
 
 MODEL_SOURCES: Registry[Callable[..., nn.Module]] = Registry("model source")
+#: sources registered by a module outside the model layer, imported on first use (a name, not an import, so that
+#: models/ does not depend on the layers above it): ``pruned:`` is :mod:`layerlab.prune.spec`'s
+LAZY_SOURCES = {"pruned": "layerlab.prune.spec"}
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,8 @@ class ModelSpec:
                 "'torchvision:resnet50:IMAGENET1K_V2' or 'file:path/to/checkpoint.pt'"
             )
         source, rest = spec.split(":", 1)
+        if source in LAZY_SOURCES and source not in MODEL_SOURCES:
+            importlib.import_module(LAZY_SOURCES[source])
         MODEL_SOURCES.get(source)  # validates the source early, with suggestions
         if source == "file":
             return cls(source, rest, None, {})

@@ -1,10 +1,17 @@
 """Figures from layerlab result tables (matplotlib, Agg; PNG and SVG)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-__all__ = ["save_figure"]
+from .colors import color_of, colors_for
+
+__all__ = ["MIN_LINE_POINTS", "color_of", "colors_for", "plot_series", "save_figure"]
+
+#: A series is drawn as a line only through this many distinct x values or more; fewer are drawn as unconnected
+#: markers (a line through two points draws a trend that two points cannot show).
+MIN_LINE_POINTS = 3
 
 
 def save_figure(fig: Any, path: str | Path, formats: Sequence[str] = ("png", "svg"), dpi: int = 150) -> list[Path]:
@@ -18,3 +25,12 @@ def save_figure(fig: Any, path: str | Path, formats: Sequence[str] = ("png", "sv
         atomic_write(p, lambda f, fmt=fmt: fig.savefig(f, format=fmt, dpi=dpi))
         out.append(p)
     return out
+
+
+def plot_series(ax: Any, x: Sequence, y: Sequence, *, linestyle: str = "-", marker: str | None = None, **kw: Any) -> Any:
+    """``ax.plot(x, y)`` as a line through :data:`MIN_LINE_POINTS` or more distinct x values, as markers (``marker``
+    or ``o``) without a connecting line through fewer; returns the ``Line2D``. The one way per-run series are drawn."""
+    if len(set(x)) < MIN_LINE_POINTS:
+        linestyle, marker = "none", marker or "o"
+    (line,) = ax.plot(x, y, linestyle=linestyle, marker=marker, **kw)
+    return line

@@ -24,12 +24,7 @@ from matplotlib.figure import Figure
 from ..criticality import average_criticality
 from ..criticality.tables import spearman_rho
 from ..errors import LayerlabError
-from . import save_figure
-
-_CATEGORY_COLOURS = (
-    "#4477AA", "#EE6677", "#228833", "#CCBB44", "#66CCEE", "#AA3377", "#BBBBBB", "#000000", "#EE7733", "#009988",
-)
-
+from . import MIN_LINE_POINTS, colors_for, plot_series, save_figure
 
 _SUMMARY_HINT = "pass the summary from layerlab.criticality.summarize(table) or DIR/criticality_summary.csv"
 
@@ -225,16 +220,13 @@ def _categories(table: pd.DataFrame, category: str) -> pd.Series:
     return table[category].fillna("other").astype(str)
 
 
-def _colours(categories: Sequence[str]) -> dict[str, str]:
-    return {c: _CATEGORY_COLOURS[k % len(_CATEGORY_COLOURS)] for k, c in enumerate(dict.fromkeys(categories))}
-
-
 def vs_attribute(
     summary: pd.DataFrame, attrs: pd.DataFrame, attribute: str = "budget", *, category: str = "category",
     mode: str = "randomize", title: str | None = None,
 ) -> Figure:
     """Fig. 2: average criticality vs a numeric training attribute (e.g. adversarial attack budget), one line per
-    category; models without a value for the attribute are left out."""
+    category in its colour (:mod:`.colors`); models without a value for the attribute are left out. A category
+    with fewer than three values of the attribute is drawn as points, not a line, each labelled with its value."""
     _need(attrs, ["model", attribute], "vs_attribute attrs")
     table = _with_attrs(summary, attrs, mode)
     table = table[pd.to_numeric(table[attribute], errors="coerce").notna()].copy()
@@ -244,12 +236,17 @@ def vs_attribute(
     cats = _categories(table, category)
     fig = Figure(figsize=(5.2, 3.8), layout="constrained")
     ax = fig.add_subplot()
-    for cat, colour in _colours(cats.tolist()).items():
+    for cat, colour in colors_for(cats).items():
         part = table[cats == cat].sort_values(attribute)
-        ax.plot(part[attribute], part["criticality"], "o-", color=colour, label=cat)
+        line = plot_series(ax, part[attribute], part["criticality"], marker="o", color=colour, label=cat)
+        dots = line.get_linestyle() == "None"
         for _, r in part.iterrows():
-            ax.annotate(str(r["model"]), (r[attribute], r["criticality"]), fontsize=6, xytext=(3, 3),
-                        textcoords="offset points")
+            text = f"{r['model']} ({r['criticality']:.0f} %)" if dots else str(r["model"])
+            ax.annotate(text, (r[attribute], r["criticality"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    values = sorted(set(table[attribute]))
+    if len(values) < 2 * MIN_LINE_POINTS:  # few values: tick each one, room for the labels at the right
+        ax.set_xticks(values, [f"{v:g}" for v in values])
+        ax.margins(x=0.2)
     ax.set_xlabel(attribute)
     ax.set_ylabel("average criticality [%]")
     ax.set_title(title or f"Average criticality vs {attribute}", fontsize=10)
@@ -283,12 +280,13 @@ def _accuracy_table(summary: pd.DataFrame, attrs: pd.DataFrame | None, accuracy:
 def accuracy_scatter(table: pd.DataFrame, rho: pd.Series | dict, *, x: str = "accuracy", y: str = "mean_criticality",
                      category: str = "category", xlabel: str = "test accuracy", title: str | None = None,
                      size: tuple[float, float] = (5.2, 3.8)) -> Figure:
-    """Mean criticality against accuracy, one point per model coloured by training category, with Spearman's rho
-    (a :func:`layerlab.criticality.tables.spearman_rho` row: n, rho, p) in the title."""
-    cats = _categories(table, category)
+    """Mean criticality against accuracy, one point per model coloured by training category (by model where the
+    table has no ``category``; colours of :mod:`.colors`), with Spearman's rho (a
+    :func:`layerlab.criticality.tables.spearman_rho` row: n, rho, p) in the title."""
+    cats = table[category].fillna("other").astype(str) if category in table.columns else table["model"].astype(str)
     fig = Figure(figsize=size, layout="constrained")
     ax = fig.add_subplot()
-    for cat, colour in _colours(cats.tolist()).items():
+    for cat, colour in colors_for(cats).items():
         part = table[cats == cat]
         ax.scatter(part[x], part[y], color=colour, label=cat, s=28)
         for _, r in part.iterrows():
@@ -299,7 +297,8 @@ def accuracy_scatter(table: pd.DataFrame, rho: pd.Series | dict, *, x: str = "ac
     rho_text = (f"Spearman rho = {rho['rho']:+.2f} (p = {rho['p']:.2g}, n = {n})" if math.isfinite(rho["rho"])
                 else f"Spearman rho: n/a (n = {n})")
     ax.set_title(title or f"Average criticality vs accuracy\n{rho_text}", fontsize=10)
-    ax.legend(fontsize=7)
+    if category in table.columns:  # coloured by model, the points' labels are the legend
+        ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return fig
 
@@ -308,7 +307,7 @@ def vs_accuracy(
     summary: pd.DataFrame, attrs: pd.DataFrame | None = None, accuracy: str = "accuracy", *, category: str = "category",
     mode: str = "randomize", title: str | None = None,
 ) -> Figure:
-    """Fig. 3: average criticality vs accuracy, coloured by training category, with Spearman's rho in the title.
+    """Fig. 3: average criticality vs accuracy, coloured by training category (else by model), with Spearman's rho in the title.
 
     Accuracy comes from ``attrs[accuracy]`` when given, else from the summary's ``base_accuracy`` (the model's
     accuracy on the criticality images).

@@ -21,7 +21,6 @@ from ..criticality import tables
 from ..errors import LayerlabError
 from . import save_figure
 from .criticality import (
-    _CATEGORY_COLOURS,
     _need,
     _short,
     draw_panel,
@@ -31,6 +30,11 @@ from .criticality import (
 )
 
 CRITICAL = tables.CRITICAL  #: the default threshold, as the tables' (criticality >= it: a critical layer)
+
+#: bar colours of the shift families in :func:`critical_set_figure` (shifts, not models: not :mod:`.colors`' names)
+_SHIFT_COLOURS = (
+    "#4477AA", "#EE6677", "#228833", "#CCBB44", "#66CCEE", "#AA3377", "#BBBBBB", "#000000", "#EE7733", "#009988",
+)
 
 #: outline colour of the cell where a layer settles, by the class it settles in
 _SETTLE_COLOURS = {"critical": "#EE3377", "auxiliary": "#FFFFFF"}
@@ -214,7 +218,7 @@ def critical_set_figure(critical_sets: pd.DataFrame, *, mode: str = "randomize")
         raise LayerlabError(f"critical_set_figure: the table holds no shifted rows of mode {mode!r}")
     models = list(dict.fromkeys(shifted["model"]))
     families = list(dict.fromkeys(parse_shift(s)[0] for s in shifted["shift"]))
-    colours = {f: _CATEGORY_COLOURS[k % len(_CATEGORY_COLOURS)] for k, f in enumerate(families)}
+    colours = {f: _SHIFT_COLOURS[k % len(_SHIFT_COLOURS)] for k, f in enumerate(families)}
     threshold = float(rows["threshold"].iloc[0]) if "threshold" in rows.columns else CRITICAL
     nrows, ncols = _grid(len(models), 2)
     width = max(4.0, min(shifted.groupby("model")["shift"].nunique().max() * 0.5 + 1.6, 7.0))

@@ -3,7 +3,8 @@
 * :func:`matrix_grid`: epoch x epoch heatmaps (CKA or decision-region similarity) as small multiples, one row per
   run and one column per layer, on one colour scale, with the first epoch of 100% training accuracy marked;
 * :func:`probe_accuracy`: linear-probe test accuracy over training, one line per layer, one panel per run;
-* :func:`accuracy_curves`: train (noisy labels), train (clean labels) and test accuracy, first 100% epoch marked;
+* :func:`accuracy_curves`: train (noisy labels), train (clean labels) and test accuracy, first 100% epoch marked,
+  each run in its colour (:mod:`layerlab.plots.colors`);
 * :func:`decision_regions`: a plane through three of the run's training images coloured by predicted class, opacity =
   max softmax(logits / 5), for chosen checkpoints (columns) and the network output and each probe (rows); anchors
   whose training label is noisy get a red ring;
@@ -22,8 +23,10 @@ import pandas as pd
 from matplotlib import colormaps
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from ..errors import LayerlabError
+from . import colors_for, plot_series
 from . import save_figure as _save
 
 __all__ = ["accuracy_curves", "decision_regions", "layer_heatmap", "matrix_grid", "probe_accuracy", "save_dynamics",
@@ -132,13 +135,13 @@ def probe_accuracy(probes: pd.DataFrame, training: pd.DataFrame | None = None, *
         for i, layer in enumerate(layer_names):
             lr = rows[rows["layer"] == layer].sort_values("epoch")
             colour = cmap(i / max(1, len(layer_names) - 1))
-            ax.plot(lr["epoch"], lr[value], marker=".", ms=3, lw=1.2, color=colour, label=lr["label"].iloc[0])
+            plot_series(ax, lr["epoch"], lr[value], marker=".", ms=3, lw=1.2, color=colour, label=lr["label"].iloc[0])
             if "probe_converged" in lr:  # a probe stopped at the L-BFGS cap: its accuracy is biased low
                 bad = lr[~lr["probe_converged"].astype(bool)]
                 ax.scatter(bad["epoch"], bad[value], marker="x", s=22, color=colour, zorder=3)
         if training is not None and not training.empty:
             tr = training[training["run"] == run].sort_values("epoch")
-            ax.plot(tr["epoch"], tr["test_acc"], color="k", ls="--", lw=1, label="network (test)")
+            plot_series(ax, tr["epoch"], tr["test_acc"], color="k", linestyle="--", lw=1, label="network (test)")
         if run in fits:
             ax.axvline(fits[run], color="#d62728", ls=":", lw=1)
         ax.set_title(run, fontsize=9)
@@ -153,18 +156,24 @@ def probe_accuracy(probes: pd.DataFrame, training: pd.DataFrame | None = None, *
 
 
 def accuracy_curves(training: pd.DataFrame, *, runs: Sequence[str] | None = None) -> Figure:
-    """Train (noisy labels), train (clean labels) and test accuracy per epoch; first 100% training epoch marked."""
+    """Train (noisy labels), train (clean labels) and test accuracy per epoch, one panel per run; first 100% training
+    epoch marked. Colour = run (:mod:`.colors`, as in every figure), line style = series (solid: train, dash-dot:
+    train on clean labels, dashed: test)."""
     _need(training, ["run", "epoch", "train_acc", "test_acc"], "accuracy_curves")
     run_names = list(runs) if runs is not None else _order(training["run"])
+    colours = colors_for(run_names)
     fits = _fit_epochs(training)
     fig = Figure(figsize=(3.3 * len(run_names) + 0.4, 3.0), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(run_names), sharey=True, squeeze=False)[0])
+    styles = {}
     for ax, run in zip(axes, run_names):
         tr = training[training["run"] == run].sort_values("epoch")
-        ax.plot(tr["epoch"], tr["train_acc"], label="train (labels trained on)", color="#1f77b4")
+        series = [("train (labels trained on)", "train_acc", "-"), ("test", "test_acc", "--")]
         if "train_acc_clean" in tr and tr["train_acc_clean"].notna().any() and not np.allclose(tr["train_acc_clean"], tr["train_acc"]):
-            ax.plot(tr["epoch"], tr["train_acc_clean"], label="train (clean labels)", color="#2ca02c", ls="-.")
-        ax.plot(tr["epoch"], tr["test_acc"], label="test", color="#ff7f0e")
+            series.insert(1, ("train (clean labels)", "train_acc_clean", "-."))
+        for label, column, style in series:
+            plot_series(ax, tr["epoch"], tr[column], linestyle=style, color=colours[run], label=label)
+            styles[label] = style
         if run in fits:
             ax.axvline(fits[run], color="#d62728", ls=":", lw=1)
             ax.annotate(f"100% at {fits[run]}", (fits[run], 0.03), fontsize=7, color="#d62728", xytext=(3, 0),
@@ -174,7 +183,9 @@ def accuracy_curves(training: pd.DataFrame, *, runs: Sequence[str] | None = None
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy")
-    axes[0].legend(fontsize=7, loc="center right")
+    order = ["train (labels trained on)", "train (clean labels)", "test"]  # the styles, in grey: colour is the run's
+    handles = [Line2D([], [], color="0.35", linestyle=styles[k], label=k) for k in order if k in styles]
+    axes[0].legend(handles=handles, fontsize=7, loc="center right")
     fig.suptitle("Accuracy over training; dotted red: first epoch of 100% training accuracy", fontsize=9)
     return fig
 

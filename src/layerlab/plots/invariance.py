@@ -22,12 +22,12 @@ from matplotlib.figure import Figure
 
 from ..errors import LayerlabError
 from ..invariance import grid_matrix
-from . import save_figure
+from . import color_of, colors_for, plot_series, save_figure
 
 _NAMES = {"pretrained": "pt", "finetuned": "ft", "scratch": "scratch"}
-_COLOURS = {"retention": "#4477AA", "reverse": "#66CCEE", "scratch": "#EE6677", "transfer": "#228833",
-            "ceiling": "#BBBBBB", "noise": "#000000", "pretrained": "#4477AA", "finetuned": "#EE7733",
-            "scratch_model": "#EE6677"}
+#: colours of the per-layer series (measures, not models; the models' colours are :mod:`.colors`')
+_COLOURS = {"retention": "#4477AA", "reverse": "#66CCEE", "scratch": color_of("scratch"), "transfer": "#228833",
+            "ceiling": "#BBBBBB", "noise": "#000000"}
 
 
 def _need(frame: pd.DataFrame, columns: Sequence[str], what: str) -> None:
@@ -106,7 +106,7 @@ def layer_curves(summary: pd.DataFrame, inversions: pd.DataFrame | None = None, 
               ("transfer", "transfer = retention - scratch", "-"), ("noise", "noise floor of ft_l", ":")]
     for col, label, style in series:
         if col in s:
-            ax.plot(x, s[col], style, marker="o", ms=4, color=_COLOURS[col], label=label)
+            plot_series(ax, x, s[col], linestyle=style, marker="o", ms=4, color=_COLOURS[col], label=label)
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xticks(x, s["label"], rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("STIR (linear CKA)")
@@ -115,17 +115,18 @@ def layer_curves(summary: pd.DataFrame, inversions: pd.DataFrame | None = None, 
 
     ax = axes[1]
     ax.plot(x, x, color="grey", lw=0.8, ls=":", label="same layer")
+    ft, scratch = color_of("finetuned"), color_of("scratch")
     if "best_index" in s:
-        ax.plot(x, s["best_index"], marker="o", color=_COLOURS["finetuned"], label="argmax_j STIR(ft_j | pt_i)")
+        plot_series(ax, x, s["best_index"], marker="o", color=ft, label="argmax_j STIR(ft_j | pt_i)")
     if "shift_above_noise" in s:
-        ax.plot(x, x + s["shift_above_noise"].to_numpy(), marker="^", ls="--", color=_COLOURS["finetuned"],
-                alpha=0.6, label="same, above the noise floor")
+        plot_series(ax, x, x + s["shift_above_noise"].to_numpy(), marker="^", linestyle="--", color=ft, alpha=0.6,
+                    label="same, above the noise floor")
     if "scratch_shift" in s:
-        ax.plot(x, x + s["scratch_shift"].to_numpy(), marker="s", ls="-", color=_COLOURS["scratch_model"],
-                label="argmax_j STIR(scratch_j | pt_i)")
+        plot_series(ax, x, x + s["scratch_shift"].to_numpy(), marker="s", color=scratch,
+                    label="argmax_j STIR(scratch_j | pt_i)")
     if "scratch_shift_above_noise" in s:
-        ax.plot(x, x + s["scratch_shift_above_noise"].to_numpy(), marker="v", ls="--", color=_COLOURS["scratch_model"],
-                alpha=0.6, label="same, above the noise floor")
+        plot_series(ax, x, x + s["scratch_shift_above_noise"].to_numpy(), marker="v", linestyle="--", color=scratch,
+                    alpha=0.6, label="same, above the noise floor")
     ax.set_xticks(x, s["label"], rotation=45, ha="right", fontsize=8)
     ax.set_yticks(x, s["label"], fontsize=8)
     ax.set_xlabel("pretrained layer i")
@@ -136,11 +137,13 @@ def layer_curves(summary: pd.DataFrame, inversions: pd.DataFrame | None = None, 
     if panels == 3:
         ax = axes[2]
         _need(inversions, ["model", "index", "label", "loss_mean", "initial_loss_mean"], "layer_curves")
+        colours = colors_for(inversions["model"])
         for model, rows in inversions.groupby("model", sort=False):
             rows = rows.sort_values("index")
-            colour = _COLOURS["scratch_model" if model == "scratch" else model] if model in _NAMES else None
-            ax.plot(rows["index"], rows["loss_mean"], marker="o", color=colour, label=f"{_NAMES.get(model, model)} final")
-            ax.plot(rows["index"], rows["initial_loss_mean"], ls=":", color=colour, label=f"{_NAMES.get(model, model)} noise")
+            name, colour = _NAMES.get(model, model), colours[str(model)]
+            plot_series(ax, rows["index"], rows["loss_mean"], marker="o", color=colour, label=f"{name} final")
+            plot_series(ax, rows["index"], rows["initial_loss_mean"], linestyle=":", color=colour,
+                        label=f"{name} noise")
         ax.set_yscale("log")
         ax.set_xticks(x, s["label"], rotation=45, ha="right", fontsize=8)
         ax.set_ylabel("|m_i(x') - m_i(x)| / |m_i(x)|")

@@ -18,7 +18,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import pandas as pd
 
 from ..errors import LayerlabError
-from ..store import Store, atomic_write_text
+from ..store import Store, atomic_write_text, resumed
 from .kinds import JOB_KINDS, ZOO_PREFIX, load_plugins
 from .spec import Job, Sweep, _failure_path, expand, load_sweep
 
@@ -211,6 +211,7 @@ def run_sweep(sweep: Sweep | str | Path, out: str | Path, *, engine: str = "loca
     pending = [j for j in jobs if not store.done(j.kind, j.key)]
     by_key = {j.key: j for j in jobs}
     outcomes = [_outcome(j, "cached", t0) for j in cached]
+    resumed(len(cached), len(jobs), out, unit="sweep jobs")
     for j in cached:
         _failure_path(out, j.key).unlink(missing_ok=True)
     bar = tqdm(total=len(jobs), initial=len(cached), desc=f"sweep {sweep.name} ({engine})", unit="job",

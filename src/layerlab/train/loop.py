@@ -23,7 +23,7 @@ from ..errors import DataError, LayerlabError, NonFiniteError, input_mismatch
 from ..models import load_model, num_outputs, save_checkpoint
 from ..runtime import resolve_device
 from ..seeds import derive_seed, generator, global_seed
-from ..store import atomic_write, atomic_write_text
+from ..store import atomic_write, atomic_write_text, resumed
 from .adversarial import pgd
 from .augment import augmenter, mixer
 from .recipes import Recipe
@@ -220,6 +220,7 @@ def train(arch: str, data: str, recipe: Recipe, out: str | Path, *, seed: int = 
         torch.set_rng_state(state["rng"])
         shuffle.set_state(state["shuffle"])
         rows, start = state["rows"], state["epoch"] + 1
+        resumed(start - 1, recipe.epochs, out, unit="epochs", doing="training")
     elif 0 in ckpt_epochs:
         loss0, acc0 = evaluate(model, test_set, device=device, what=f"the initial model {arch!r}",
                                hint="check the architecture and the init checkpoint")

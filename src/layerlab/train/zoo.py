@@ -27,7 +27,7 @@ import pandas as pd
 from .. import runs
 from ..errors import SpecError
 from ..specfiles import builtin_file, read_spec
-from ..store import atomic_write_text
+from ..store import atomic_write_text, resumed
 from .loop import train
 from .recipes import CATEGORIES, Recipe, recipe
 
@@ -104,6 +104,8 @@ def train_zoo(zoo: Zoo | str | Path, out: str | Path, *, device: str = "cpu", pr
     zoo = zoo if isinstance(zoo, Zoo) else load_zoo(zoo)
     out = Path(out)
     chosen = [e for e in zoo.entries if not only or e.name in only]
+    resumed(sum(runs.is_done(out / e.name) for e in chosen), len(chosen), out, unit="models", state="already trained",
+            doing="training")
     for i, entry in enumerate(chosen, 1):
         if progress and not runs.is_done(out / entry.name):
             print(f"[{i}/{len(chosen)}] {entry.name}: {entry.recipe.name} on {entry.data}", flush=True)
