@@ -167,6 +167,20 @@ def test_summaries_aggregate_only_measures():
     assert g.columns.tolist() == ["model", "rows", "mean v"]
 
 
+def test_compare_data_orders_layers_forward_and_keeps_each_analysis_value():
+    from layerlab.report.views import compare_data
+
+    cka = pd.DataFrame({"run": ["r"] * 6, "layer": ["output", "layer10", "layer2"] * 2,
+                        "label": ["output", "layer10", "layer2"] * 2, "epoch_a": [0] * 6, "epoch_b": [3] * 3 + [9] * 3,
+                        "cka": [0.5, 0.6, 0.7, 0.1, 0.2, 0.3]})
+    crit = pd.DataFrame({"model": ["m"] * 4, "layer": ["b", "a", "b", "a"], "label": ["B", "A", "B", "A"],
+                         "index": [1, 0, 1, 0], "trial": [0, 0, 1, 1], "mode": ["randomize"] * 4,
+                         "criticality": [10.0, 50.0, 20.0, 70.0]})
+    d = compare_data({"dynamics-cka": cka, "criticality": crit})
+    assert d["cka"]["r"] == {"x": ["layer2", "layer10", "output"], "y": [0.3, 0.2, 0.1]}  # first -> last checkpoint
+    assert d["criticality"]["m"] == {"x": ["A", "B"], "y": [60.0, 15.0]}  # forward order, mean over trials
+
+
 def test_titles_in_words_and_intros_with_numbers(demo_like):
     from layerlab.report import title
     from layerlab.report.text import intro_html

@@ -34,7 +34,7 @@ def plot_prune(table: pd.DataFrame, *, value: str = "accuracy") -> Figure:
     stages = [s for s in _TITLES if s in set(long["stage"])]
     criteria = list(dict.fromkeys(long["criterion"]))
     colours = colors_for(criteria)
-    fig = Figure(figsize=(4.6 * len(stages), 3.6), layout="constrained")
+    fig = Figure(figsize=(max(4.6 * len(stages), 6.4), 3.8), layout="constrained")
     axes = fig.subplots(1, len(stages), squeeze=False, sharey=True)[0]
     for ax, stage in zip(axes, stages):
         part = long[long["stage"] == stage]
@@ -58,7 +58,7 @@ def plot_prune(table: pd.DataFrame, *, value: str = "accuracy") -> Figure:
                ylabel=f"test {value}" if value == "accuracy" else "top-1 agreement with the unpruned model")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="lower left")
-    fig.suptitle(f"Block removal by criterion: {value}, mean +- std over seeds of the model average")
+    fig.suptitle(f"Block removal by criterion: {value}\n(mean +- std over seeds of the model average)", fontsize=10)
     return fig
 
 

@@ -191,3 +191,15 @@ def _prune(table: pd.DataFrame) -> pd.DataFrame:
     from ..prune import summarize
 
     return summarize(table)
+
+
+@summary("prune-scores")
+def _prune_scores(table: pd.DataFrame) -> pd.DataFrame:
+    """Per model, criterion and seed: the block each criterion removes first (its lowest score) and the highest."""
+    single = table[table["n"] == 1] if "n" in table.columns else table
+    rows = []
+    for (model, criterion, seed), t in single.groupby(["model", "criterion", "seed"], sort=False):
+        lo, hi = t.loc[t["score"].idxmin()], t.loc[t["score"].idxmax()]
+        rows.append({"model": model, "criterion": criterion, "seed": seed, "removed first": lo["block"],
+                     "lowest score": lo["score"], "kept longest": hi["block"], "highest score": hi["score"]})
+    return pd.DataFrame(rows)

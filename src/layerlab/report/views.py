@@ -254,6 +254,7 @@ def _invariance(tables: dict[str, pd.DataFrame], colors: dict[str, str]) -> list
     if grid is not None and len(grid) and (grid["metric"] == "stir").any():
         stir = grid[grid["metric"] == "stir"]
         pairs = list(dict.fromkeys(stir["pair"]))
+        pairs.sort(key=lambda p: len(set(p.split("|"))) == 1)  # between two models first: the paper's grids
         traces = []
         for p in pairs:
             t = stir[stir["pair"] == p]
@@ -391,8 +392,11 @@ def compare_data(tables: dict[str, pd.DataFrame]) -> dict[str, dict[str, dict[st
 
 
 def _series(t: pd.DataFrame, value: str, index: str | None = "index") -> dict[str, list]:
+    """One model's per-layer values in forward order (by its index column, else the layers' natural order)."""
     if index and index in t.columns:
         t = t.sort_values(index, kind="stable")
+    else:
+        t = t.set_index("layer").loc[_natural(t["layer"].tolist())].reset_index()
     label = t["label"] if "label" in t.columns else t["layer"]
     return {"x": label.astype(str).tolist(), "y": t[value].astype(float).tolist()}
 
