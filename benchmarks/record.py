@@ -34,7 +34,7 @@ RECORDS = Path(__file__).resolve().parent / "records"
 def _git(*args: str) -> str:
     try:
         return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()
+                              cwd=Path(__file__).resolve().parents[1]).stdout.strip()  # the repository root: "src" below
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

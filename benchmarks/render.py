@@ -96,7 +96,8 @@ def prune_table(records: list[dict]) -> str:
     for r in summary:
         std = "" if r.get("accuracy_std") is None or r["accuracy_std"] != r["accuracy_std"] else f" +- {r['accuracy_std']:.3f}"
         cells.setdefault((r["stage"], r["budget"]), {})[r["criterion"]] = f"{r['accuracy']:.3f}{std}"
-    lines = [f"*Measured {rec['started']} on {rec['device']}, commit `{rec['commit']}`, torch {rec['torch']}; "
+    lines = [f"*Measured {rec['started']} on {rec['device']}, commit `{rec['commit']}`"
+             f"{' (+ uncommitted changes)' if rec.get('dirty') else ''}, torch {rec['torch']}; "
              f"{rec['summary']['prune']['median']:.0f} s; unpruned accuracy (zoo mean) "
              f"{rec['measures']['accuracy unpruned (zoo mean)']:.3f}.*", "",
              "Conditions: " + "; ".join(f"{k}: {_num(v)}" for k, v in rec["conditions"].items()) + ".", "",
