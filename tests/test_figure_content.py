@@ -407,6 +407,14 @@ def test_grid_heatmaps_a_panel_per_grid():
     assert fig.get_suptitle() == "STIR grids (unbiased linear CKA over 12 images, 7 inversion steps)"
 
 
+def test_grid_heatmaps_leave_out_a_metric_the_grid_lacks():
+    """A grid without the plain-CKA rows (e.g. run with cka off) draws the other panels instead of failing."""
+    grid = _grid()
+    fig = invp.grid_heatmaps(grid[grid["metric"] != "cka"])
+    titles = [ax.get_title() for ax in fig.axes if ax.images]
+    assert titles == ["STIR(ft_j | pt_i)", "STIR(pt_j | ft_i)", "STIR(pt_j | pt_i)", "noise floor of ft_j  [0 steps]"]
+
+
 def test_layer_curves_series_compression_and_losses():
     summary = pd.DataFrame({"label": ["fc", "conv1", "conv2"], "index": [2, 0, 1], "retention": [0.5, 0.9, 0.7],
                             "reverse": [0.4, 0.8, 0.6], "ceiling": [0.95, 0.99, 0.97], "noise": [0.1, 0.2, 0.15],

@@ -40,7 +40,7 @@ def _need(frame: pd.DataFrame, columns: Sequence[str], what: str) -> None:
 
 def _panels(grid: pd.DataFrame) -> list[tuple[str, str, str, str]]:
     """(reference, evaluated, metric, title) of every heatmap the grid supports, in reading order."""
-    have = set(zip(grid["reference"], grid["evaluated"]))
+    have = set(zip(grid["reference"], grid["evaluated"], grid["metric"]))
     wanted = [
         ("pretrained", "finetuned", "stir", "STIR(ft_j | pt_i)"),
         ("finetuned", "pretrained", "stir", "STIR(pt_j | ft_i)"),
@@ -50,7 +50,7 @@ def _panels(grid: pd.DataFrame) -> list[tuple[str, str, str, str]]:
         ("pretrained", "finetuned", "cka", "CKA(pt_i, ft_j)  [plain]"),
         ("pretrained", "finetuned", "noise", "noise floor of ft_j  [0 steps]"),
     ]
-    return [w for w in wanted if (w[0], w[1]) in have]
+    return [w for w in wanted if (w[0], w[1], w[2]) in have]  # a pair without that metric (e.g. no cka): no panel
 
 
 def grid_heatmaps(grid: pd.DataFrame, *, annotate: bool = True, title: str | None = None) -> Figure:
