@@ -290,12 +290,14 @@ def test_a_pruned_model_saves_loads_and_runs_every_other_analysis(trained, tmp_p
     assert magnitude["params_removed"] == pytest.approx(mean_two, abs=1e-5)
 
 
-def test_a_rerun_reads_finished_jobs_and_scores(trained, tmp_path, monkeypatch):
+def test_a_rerun_reads_finished_jobs_and_scores(trained, tmp_path, monkeypatch, caplog):
     first = prune(trained, "digits", criteria=["criticality", "random"], budgets=[1], store=tmp_path, **FAST)
     monkeypatch.setattr(driver, "_measure_scores", lambda *a, **k: pytest.fail("scores were measured again"))
     again = prune(trained, "digits", criteria=["criticality", "random"], budgets=[1], store=tmp_path, **FAST)
     pd.testing.assert_frame_equal(first, again, check_dtype=False)
-    more = prune(trained, "digits", criteria=["criticality", "random"], budgets=[1, 3], store=tmp_path, **FAST)
+    with caplog.at_level("INFO", logger="layerlab"):
+        more = prune(trained, "digits", criteria=["criticality", "random"], budgets=[1, 3], store=tmp_path, **FAST)
+    assert f"2 of 4 prune jobs already done (in {tmp_path}); running 2" in caplog.text  # finished + pending
     assert len(more) == 4 and set(more["blocks_removed"]) == {1, 3}  # new budgets reuse the stored scores
     assert len(ll.Store(tmp_path).read("prune-scores")) == 16  # 8 blocks x 2 criteria, written once
 

@@ -95,7 +95,8 @@ def prune(
             "trials": trials, "finetune_epochs": finetune_epochs,
             **({"heal_lr": heal_lr, "heal_images": heal_images} if finetune_epochs else {})}
     plans = [_plan(name, spec, crits, buds, seed_list, opts, st, dev, finetune_epochs) for name, spec in named.items()]
-    total, done = sum(len(p["jobs"]) for p in plans), sum(len(p["rows"]) for p in plans)
+    done = sum(len(p["rows"]) for p in plans)
+    total = done + sum(len(p["jobs"]) for p in plans)  # finished and pending: the whole call's jobs
     if st is not None:
         resumed(done, total, st.root, unit=f"{ANALYSIS} jobs")
     bar = progress_bar(total=total, enabled=progress, desc="prune", unit="job", leave=True)
@@ -292,7 +293,9 @@ def prune_model(model: ModelLike, criterion: str = "criticality", budget: str | 
                 device: str | torch.device | None = None) -> nn.Module:
     """One pruned model: ``model`` (a spec or a model, left as it was) with the blocks ``criterion`` picks under
     ``budget`` removed (or its weights magnitude-pruned, zeros baked in), on ``device``; ``layerlab_pruned`` lists
-    the removed blocks. Save it with :func:`layerlab.save_checkpoint`; it loads again with ``file:``.
+    the removed blocks. Save it with :func:`layerlab.save_checkpoint`; it loads again with ``file:``. That needs the
+    architecture: a model from a spec carries it; for a bare module set ``model.layerlab_arch = "timm:NAME?..."``
+    (the spec that builds it) before pruning, else saving says so.
 
     Example (needs a trained checkpoint)::
 

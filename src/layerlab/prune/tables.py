@@ -64,7 +64,7 @@ def compare(table: pd.DataFrame, reference: str = "criticality", value: str = "a
     reference - other in ``value`` (accuracy or agreement), paired by model and seed, averaged over models per
     seed; its mean, std and range over seeds, the share of (model, seed) pairs where the reference is ahead, and
     a verdict: ``beats`` when every seed's difference is positive, ``loses`` when every one is negative, else
-    ``within spread``."""
+    ``within spread``; with one seed there is no spread to judge against: ``one seed``."""
     long = long_form(table)
     if reference not in set(long["criterion"]):
         raise LayerlabError(f"reference criterion {reference!r} is not in the table; it has "
@@ -76,7 +76,8 @@ def compare(table: pd.DataFrame, reference: str = "criticality", value: str = "a
         diff = (ref - part.set_index(keys)[value]).dropna().rename("diff").reset_index()
         for (budget, stage), d in diff.groupby(["budget", "stage"], sort=False):
             per_seed = d.groupby("seed")["diff"].mean()
-            verdict = ("beats" if (per_seed > 0).all() else "loses" if (per_seed < 0).all() else "within spread")
+            verdict = ("one seed" if len(per_seed) < 2 else "beats" if (per_seed > 0).all()
+                       else "loses" if (per_seed < 0).all() else "within spread")
             rows.append({"reference": reference, "other": other, "budget": budget, "stage": stage, "value": value,
                          "difference": float(per_seed.mean()),
                          "std": float(per_seed.std(ddof=1)) if len(per_seed) > 1 else float("nan"),

@@ -219,10 +219,9 @@ def _colors(names: list[str]) -> dict[str, str]:
 def _compare_html(d: ReportData, colors: dict[str, str]) -> str:
     values = compare_data({a.name: a.table for a in d.analyses if len(a.table)})
     models = sorted({m for panel in values.values() for m in panel})
+    if len(models) < 2:  # nothing to compare (e.g. a folder of one analysis that has no per-layer values)
+        return ""
     parts = ['<section id="compare"><h2>Two models side by side</h2>']
-    if len(models) < 2:
-        parts.append('<p class="note">Needs at least two models in the criticality, dynamics or invariance tables.</p></section>')
-        return "".join(parts)
     first, second = _default_pair(models, values)
     options = lambda chosen: "".join(f'<option{" selected" if m == chosen else ""}>{_esc(m)}</option>' for m in models)  # noqa: E731
     parts.append('<p class="intro">Choose two models: each panel draws their per-layer values from one analysis '

@@ -187,10 +187,14 @@ def _triplets(table: pd.DataFrame) -> pd.DataFrame:
 
 @summary("prune")
 def _prune(table: pd.DataFrame) -> pd.DataFrame:
-    """Per criterion and budget: accuracy and agreement over models and seeds, parameters and FLOPs removed."""
+    """Per criterion and budget: accuracy and agreement over models and seeds, parameters and FLOPs removed; per
+    healing setting when the folder holds runs with different ones (each run's rows kept apart)."""
     from ..prune import summarize
 
-    return summarize(table)
+    if "finetune_epochs" not in table.columns or table["finetune_epochs"].nunique() < 2:
+        return summarize(table).sort_values(["stage", "budget", "accuracy"], ascending=[False, True, False])
+    parts = [summarize(t).assign(finetune_epochs=e) for e, t in table.groupby("finetune_epochs")]
+    return pd.concat(parts, ignore_index=True)
 
 
 @summary("prune-scores")

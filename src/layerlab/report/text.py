@@ -238,8 +238,9 @@ def _prune(tables: dict[str, pd.DataFrame]) -> str:
         "global unstructured magnitude pruning of as many weights. Accuracy and top-1 agreement with the unpruned "
         "model are measured before and (optionally) after a short healing fine-tune.",
     )
-    how = _p("<b>How to read it.</b> Accuracy against the budget, one line per criterion (mean over models); a "
-             "criterion above another at the same budget picked blocks the model needed less.")
+    how = _p("<b>How to read it.</b> Accuracy against the budget, one series per criterion (mean over models; "
+             "dashed: after healing; dotted: the unpruned models); a criterion above another at the same budget "
+             "picked blocks the model needed less.")
     t = tables.get("prune")
     if t is None or t.empty or not {"criterion", "budget_fraction", "accuracy"} <= set(t.columns):
         return what + how
@@ -247,5 +248,7 @@ def _prune(tables: dict[str, pd.DataFrame]) -> str:
     found = [f"{b:.0%} of the blocks: " + ", ".join(f"{html.escape(k)} {v:.1%}" for k, v in row.dropna().sort_values(ascending=False).items()) + "."
              for b, row in m.iterrows()]
     base = t["accuracy_base"].mean() if "accuracy_base" in t.columns else float("nan")
-    return what + how + _p(f"<b>This run</b> ({t['model'].nunique()} models, unpruned accuracy {base:.1%} on average; "
-                           "accuracy without healing, mean over models and seeds).", *found)
+    models = t["model"].nunique()
+    return what + how + _p(f"<b>This run</b> ({models} model{'s' if models != 1 else ''}, unpruned accuracy {base:.1%}"
+                           f"{' on average' if models > 1 else ''}; accuracy without healing, mean over models and "
+                           "seeds).", *found)

@@ -326,21 +326,32 @@ def _training(tables: dict[str, pd.DataFrame], colors: dict[str, str]) -> list[V
 @view("prune")
 def _prune(tables: dict[str, pd.DataFrame], colors: dict[str, str]) -> list[View]:
     t = tables["prune"]
-    g = (t.groupby(["criterion", "budget_fraction", "seed"])["accuracy"].mean()
-         .groupby(["criterion", "budget_fraction"]).agg(["mean", "std"]).reset_index())
+    stages = [("accuracy", "solid", "")] + ([("accuracy_healed", "dash", " healed")]
+                                          if "accuracy_healed" in t.columns and t["accuracy_healed"].notna().any() else [])
     traces = []
-    for c, s in g.groupby("criterion", sort=True):
-        s = s.sort_values("budget_fraction")
-        traces.append({"type": "scatter", "mode": "lines+markers" if len(s) > 2 else "markers", "name": c,
-                       "x": s["budget_fraction"].to_numpy(), "y": s["mean"].to_numpy(),
-                       "error_y": {"type": "data", "array": s["std"].fillna(0).to_numpy(), "visible": True},
-                       "marker": {"size": 9, "color": colors.get(c)}, "line": {"color": colors.get(c)},
-                       "hovertemplate": f"{c}<br>%{{x:.0%}} of blocks removed: %{{y:.1%}}<extra></extra>"})
+    for column, dash, suffix in stages:
+        g = (t.dropna(subset=[column]).groupby(["criterion", "budget_fraction", "seed"])[column].mean()
+             .groupby(["criterion", "budget_fraction"]).agg(["mean", "std"]).reset_index())
+        for c, s in g.groupby("criterion", sort=True):
+            s = s.sort_values("budget_fraction")
+            traces.append({"type": "scatter", "mode": "lines+markers" if len(s) > 2 else "markers", "name": c + suffix,
+                           "x": s["budget_fraction"].to_numpy(), "y": s["mean"].to_numpy(), "legendgroup": c,
+                           "error_y": {"type": "data", "array": s["std"].fillna(0).to_numpy(), "visible": True},
+                           "marker": {"size": 9, "color": colors.get(c), "symbol": "circle" if not suffix else "diamond"},
+                           "line": {"color": colors.get(c), "dash": dash},
+                           "hovertemplate": f"{c}{suffix}<br>%{{x:.0%}} of blocks removed: %{{y:.1%}}<extra></extra>"})
+    shapes = []
+    if "accuracy_base" in t.columns:
+        base = float(t.drop_duplicates("model")["accuracy_base"].mean())
+        shapes.append({"type": "line", "xref": "paper", "x0": 0, "x1": 1, "y0": base, "y1": base,
+                       "line": {"color": "#555", "dash": "dot", "width": 1}})
     return [View("prune-accuracy", "Accuracy after block removal", {
         "data": traces, "layout": _layout("Accuracy after removing blocks, by criterion (mean over models)", 420,
                                           xaxis={"title": {"text": "fraction of blocks removed"}, "tickformat": ".0%"},
-                                          yaxis={"title": {"text": "test accuracy"}, "tickformat": ".0%"})},
-        "Error bars: std over seeds (none with one seed). Click a criterion in the legend to hide it.")]
+                                          yaxis={"title": {"text": "test accuracy"}, "tickformat": ".0%"},
+                                          shapes=shapes)},
+        "Circles: right after removal; diamonds (dashed): after healing; dotted line: the unpruned models. Error "
+        "bars: std over seeds. Click a criterion in the legend to hide it.")]
 
 
 def correlation_view(per_model: pd.DataFrame, colors: dict[str, str], rho: float | None) -> View:
