@@ -221,3 +221,13 @@ def test_help_is_faster_than_importing_torch():
     median = {name: statistics.median(t) for name, t in times.items()}
     assert median["layerlab --help"] < median["import torch"], median
     assert median["layerlab criticality --help"] < median["import torch"], median
+
+
+def test_prose_paragraphs_reflow_to_the_terminal_and_examples_keep_their_lines():
+    """Docstrings are wrapped at the source's width; the help joins a paragraph's lines so the terminal wraps them
+    (at 80 columns the old help broke 'Writes one / row per ...' raggedly), while each example stays a line."""
+    env = {**os.environ, "COLUMNS": "250", "TERM": "dumb", "NO_COLOR": "1"}
+    out = subprocess.run([*CLI, "prune", "--help"], capture_output=True, text=True, env=env, timeout=60).stdout
+    assert "Writes one row per (model, criterion, budget, seed): blocks removed, parameters, FLOPs" in out
+    examples = [line.strip() for line in out.splitlines() if line.strip().startswith("layerlab prune ")]
+    assert len(examples) == 3 and all(e.endswith("--out out/prune") for e in examples)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import logging
 import os
 import sys
@@ -22,6 +23,46 @@ import typer
 from typer.core import TyperGroup
 
 from ..errors import LayerlabError
+
+
+def reflow(text: str | None) -> str | None:
+    r"""A command's help with each prose paragraph on one line, so that the terminal wraps it at its own width.
+
+    Docstrings are wrapped at the source's width, and typer keeps their single line breaks, so an 80-column terminal
+    showed ragged lines. Lines that are not prose keep their breaks: examples (``layerlab ...``), indented lines,
+    list items and a paragraph's ``Example:``/``Examples:`` header.
+
+    >>> reflow("Writes one\nrow per job.\n\nExamples:\n  layerlab x --a 1\n  layerlab y")
+    'Writes one row per job.\n\nExamples:\n  layerlab x --a 1\n  layerlab y'
+    """
+    if not text:
+        return text
+
+    def verbatim(line: str) -> bool:
+        bare = line.strip()
+        return (line[:1].isspace() or bare.startswith(("layerlab ", "- ", "* ", "$ ", "\b"))
+                or bare.rstrip(":") in ("Example", "Examples"))
+
+    paragraphs = []
+    for paragraph in inspect.cleandoc(text).split("\n\n"):
+        lines: list[str] = []
+        for line in paragraph.split("\n"):
+            if lines and not verbatim(line) and not verbatim(lines[-1]) and line.strip():
+                lines[-1] = f"{lines[-1].rstrip()} {line.strip()}"
+            else:
+                lines.append(line)
+        paragraphs.append("\n".join(lines))
+    return "\n\n".join(paragraphs)
+
+
+def _reflowed(command: Any) -> Any:
+    """``command`` (and a group's subcommands) with reflowed help, once."""
+    if command is not None and not getattr(command, "_layerlab_reflowed", False):
+        command.help = reflow(command.help)
+        command._layerlab_reflowed = True
+        for sub in getattr(command, "commands", {}).values():
+            _reflowed(sub)
+    return command
 
 
 class _Commands(TyperGroup):
@@ -45,7 +86,7 @@ class _Commands(TyperGroup):
         if command is None:
             self._add_generated()
             command = super().get_command(ctx, cmd_name)
-        return command
+        return _reflowed(command)
 
 
 app = typer.Typer(
