@@ -375,13 +375,15 @@ def test_the_api_exports_prune():
 def test_the_cli_prunes_and_words_bad_input_in_one_line(trained, tmp_path, monkeypatch, capsys):
     code, out, _ = run_cli(monkeypatch, capsys, "prune", "--help")
     assert code == 0 and "Example" in out and "--finetune-epochs" in out and "params:F" in out
-    for args, match in ((["--by", "criticallity"], "did you mean 'criticality'"), (["--budget", "1.5"], "params:0.25")):
+    for args, match in ((["--by", "criticallity"], "did you mean 'criticality'"), (["--budget", "1.5"], "params:0.25"),
+                         (["--by", ""], "names no criterion"), (["--budget", " "], "names no budget")):
         code, _, err = run_cli(monkeypatch, capsys, "prune", trained, "--out", str(tmp_path / "bad"), *args)
         assert code == 2 and err.startswith("error: ") and match in err and err.strip().count("\n") == 0
     code, out, err = run_cli(monkeypatch, capsys, "prune", trained, "--budget", "1", "--by", "criticality,random",
                              "--images", "48", "--eval-images", "48", "--trials", "1", "--out", str(tmp_path / "o"),
                              "--no-progress", "--threads", "1")
     assert code == 0, err
+    assert "unpruned accuracy: 0." in out
     for name in ("prune.csv", "prune_summary.csv", "prune_compare.csv", "figures/prune/prune_accuracy.png"):
         assert (tmp_path / "o" / name).exists(), name
 

@@ -84,6 +84,10 @@ def register(app: typer.Typer) -> None:
         check_out(out)
         budgets = _split(budget)
         criteria = _split(by) or None
+        if by and not criteria:  # --by "" named nothing: not "all five" (that is leaving --by out)
+            raise LayerlabError(f"--by names no criterion; pass one or more of {CRITERIA_HELP}, or leave --by out for all")
+        if budget is not None and not budgets:
+            raise LayerlabError("--budget names no budget; pass e.g. --budget 0.25 or --budget 0.1,0.25,0.5")
 
         from ..prune import CRITERIA, DEFAULT_CRITERIA, compare, parse_budget, prune, summarize
         from ..store import atomic_write_text
@@ -114,4 +118,6 @@ def register(app: typer.Typer) -> None:
                 "flops_ratio", "seeds", "models"]
         print_frame(summary[cols], "block removal: accuracy per criterion and budget (mean over models; std over "
                     "seeds, ddof=1)")
+        base = table.drop_duplicates("model")["accuracy_base"]
+        typer.echo(f"unpruned accuracy: {base.mean():.4f}" + (" (mean over models)" if len(base) > 1 else ""))
         typer.echo(f"wrote {len(paths)} files to {out}; pruned checkpoints in {out / 'pruned'}")
