@@ -262,3 +262,14 @@ def test_save_studies_writes_what_the_tables_support(tmp_path):
     assert studies.save_studies(_clean_summary(), tmp_path / "none") == []
     assert studies.save_studies(_epoch_summary().query("epoch == 4"), tmp_path / "single") == []
     assert not (tmp_path / "none").exists()
+
+
+def test_tick_labels_of_long_names_stay_distinct():
+    """Two specs that differ only in the middle were cut to the same 'head...tail' tick label."""
+    from layerlab.plots.criticality import short_labels
+
+    a = "file:/very/long/path/to/zoo/run-one/checkpoints/final.pt"
+    b = "file:/very/long/path/to/zoo/run-two/checkpoints/final.pt"
+    labels = short_labels([a, b, "baseline"])
+    assert len(set(labels)) == 3 and labels[2] == "baseline" and all(len(x) < len(a) for x in labels[:2])
+    assert short_labels([a, a]) == [short_labels([a])[0]] * 2  # the same name twice is one label, not widened

@@ -89,6 +89,18 @@ def _short(name: str, width: int = 24) -> str:
     return name if len(name) <= width else name[: width // 2 - 1] + "..." + name[-(width // 2 - 2):]
 
 
+def short_labels(names: Sequence[str], width: int = 24) -> list[str]:
+    """:func:`_short` of every name, widened where two would read the same (two specs that differ only in the
+    middle), up to the full names: distinct names keep distinct tick labels."""
+    names = [str(n) for n in names]
+    labels = [_short(n, width) for n in names]
+    while len(set(labels)) < len(set(names)) and width < max(map(len, names)):
+        width += 8
+        seen = list(labels)
+        labels = [_short(n, width) if seen.count(lab) > 1 else lab for n, lab in zip(names, labels)]
+    return labels
+
+
 def draw_panel(
     ax, matrix: pd.DataFrame, *, cmap: str, vmin: float | None, vmax: float | None, fmt: str = "{:.0f}",
     xlabels: Sequence[str] | None = None, rotation: float = 60,
@@ -98,7 +110,7 @@ def draw_panel(
     rows, cols = matrix.shape
     values = matrix.to_numpy(dtype=float)
     im = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
-    xlabels = [_short(str(c)) for c in matrix.columns] if xlabels is None else list(xlabels)
+    xlabels = short_labels(matrix.columns) if xlabels is None else list(xlabels)
     ax.set_xticks(range(cols), xlabels, rotation=rotation, ha="right" if rotation else "center", fontsize=8)
     ax.set_yticks(range(rows), [str(r) for r in matrix.index], fontsize=7)
     if rows * cols <= 600:
@@ -188,7 +200,7 @@ def _marked_diff(
     diff = layer_pivot(rows, "model", "difference", order)
     marked = layer_pivot(rows, "model", "_marked", order).to_numpy(dtype=float) > 0.5
     seeds = rows.groupby("model")["seeds"].max() if "seeds" in rows.columns else pd.Series(dtype=float)
-    labels = [_short(str(m)) + (f" ({int(seeds[m])} seeds)" if seeds.get(m, 1) > 1 else "") for m in order]
+    labels = [s + (f" ({int(seeds[m])} seeds)" if seeds.get(m, 1) > 1 else "") for m, s in zip(order, short_labels(order))]
     finite = diff.to_numpy(dtype=float)
     lim = max(float(np.nanmax(np.abs(finite))) if np.isfinite(finite).any() else 1.0, 1e-9)
     has_ci = "ci_low" in rows.columns and bool(rows["ci_low"].notna().any())
