@@ -17,7 +17,7 @@ from .intervals import (
     percentile_interval,
 )
 
-__all__ = ["average_criticality", "criticality_accuracy", "derive", "differences", "network_criticality", "replicates",
+__all__ = ["average_criticality", "clean_final", "criticality_accuracy", "derive", "differences", "network_criticality", "replicates",
            "critical_sets", "settling", "spearman_rho", "summarize", "write_tables"]
 
 #: criticality (points) from which a layer counts as critical, below it auxiliary (our choice: the paper names no
@@ -282,6 +282,20 @@ def _over_epochs(summary: pd.DataFrame) -> bool:
     return rows["epoch"].dropna().nunique() > 1
 
 
+def clean_final(table: pd.DataFrame, mode: str | None = None) -> pd.DataFrame:
+    """The rows about the models as trained, on clean images: shift ``clean`` and no analysed epoch in randomize
+    mode (rows over training and under shift have their own tables and figures; in reinit/checkpoint modes
+    ``epoch`` names the reset's target and stays); only ``mode``'s rows when given. Tables without a ``shift`` or
+    ``epoch`` column pass whole."""
+    rows = table[table["mode"] == mode] if mode is not None and "mode" in table.columns else table
+    keep = pd.Series(True, index=rows.index)
+    if "shift" in rows.columns:
+        keep &= rows["shift"].fillna("clean").eq("clean")
+    if {"mode", "epoch"} <= set(rows.columns):
+        keep &= ~(rows["mode"].eq("randomize") & rows["epoch"].notna())
+    return rows[keep]
+
+
 def criticality_accuracy(criticality: pd.DataFrame, zoo: pd.DataFrame, *, mode: str = "randomize",
                          exclude: Sequence[str] = ADVERSARIAL) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(per-model table, correlations): Spearman rho between each model's mean criticality and its accuracy.
@@ -295,11 +309,7 @@ def criticality_accuracy(criticality: pd.DataFrame, zoo: pd.DataFrame, *, mode: 
         raise LayerlabError(f"criticality table lacks columns {sorted(missing)}; pass the table criticality() returns")
     if "model" not in zoo.columns or "accuracy" not in zoo.columns:
         raise LayerlabError("zoo table needs 'model' and 'accuracy' columns (as OUT/zoo/zoo.csv has)")
-    rows = criticality[criticality["mode"] == mode] if "mode" in criticality.columns else criticality
-    if "shift" in rows.columns:  # the models as trained, on clean images: not under shift, not over training
-        rows = rows[rows["shift"].fillna("clean") == "clean"]
-    if "epoch" in rows.columns and mode == "randomize":
-        rows = rows[rows["epoch"].isna()]
+    rows = clean_final(criticality, mode)
     per_model = (rows.groupby(["model", "layer"], sort=False)["criticality"].mean()
                  .groupby(level="model", sort=False).mean().rename("mean_criticality").reset_index())
     keep = [c for c in ("model", "category", "recipe", "accuracy") if c in zoo.columns]

@@ -22,7 +22,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ..criticality import average_criticality
-from ..criticality.tables import spearman_rho
+from ..criticality.tables import clean_final, spearman_rho
 from ..errors import LayerlabError
 from . import MIN_LINE_POINTS, colors_for, plot_series, save_figure
 
@@ -32,18 +32,6 @@ _SUMMARY_HINT = "pass the summary from layerlab.criticality.summarize(table) or 
 def _need(frame: pd.DataFrame, columns: Sequence[str], what: str, hint: str = _SUMMARY_HINT) -> None:
     if missing := [c for c in columns if c not in frame.columns]:
         raise LayerlabError(f"{what}: the table lacks columns {missing} (has {list(frame.columns)}); {hint}")
-
-
-def clean_final(frame: pd.DataFrame) -> pd.DataFrame:
-    """The rows about the clean, final models: shift ``clean`` and no analysed epoch in randomize mode (rows over
-    training and under shift have their own figures in :mod:`.criticality_studies`). Tables without a ``shift`` or
-    ``epoch`` column pass whole."""
-    keep = pd.Series(True, index=frame.index)
-    if "shift" in frame.columns:
-        keep &= frame["shift"].fillna("clean").eq("clean")
-    if {"mode", "epoch"} <= set(frame.columns):
-        keep &= ~(frame["mode"].eq("randomize") & frame["epoch"].notna())
-    return frame[keep]
 
 
 def _mode_rows(summary: pd.DataFrame, mode: str) -> pd.DataFrame:

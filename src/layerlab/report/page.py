@@ -119,12 +119,17 @@ def _derived(out: Path, analysis: str) -> dict[str, Path]:
     return {v: p for v, p in Store(out).derived().items() if v.startswith(prefix) and not v.endswith("_images")}
 
 
+def _json_script(element_id: str, data: Any) -> str:
+    """``data`` as an inline JSON script the page's JS parses (NaN -> null; ``</`` escaped so it cannot end the tag)."""
+    payload = json.dumps(clean(data), separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+    return f'<script type="application/json" id="{element_id}">{payload}</script>'
+
+
 def _view_html(v: View) -> str:
     sid = f"spec-{v.key}"
-    payload = json.dumps(clean(v.spec), separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
     wide = " wide" if v.wide else ""
-    return (f'<div class="view{wide}" data-view="{_esc(v.key)}"><div class="plot" data-spec="{sid}"></div>'
-            f'<p>{_esc(v.note)}</p><script type="application/json" id="{sid}">{payload}</script></div>')
+    return (f'<div class="view{wide}" data-view="{_esc(v.key)}"><div class="plot" data-spec="{sid}" role="img" '
+            f'aria-label="{_esc(v.title)}"></div><p>{_esc(v.note)}</p>{_json_script(sid, v.spec)}</div>')
 
 
 def _table_html(a: AnalysisData, out: Path, max_rows: int, main: bool) -> str:
@@ -210,12 +215,6 @@ def _entities(d: ReportData) -> list[str]:
     return sorted(names)
 
 
-def _colors(names: list[str]) -> dict[str, str]:
-    from ..plots.colors import colors_for
-
-    return dict(colors_for(names))
-
-
 def _compare_html(d: ReportData, colors: dict[str, str]) -> str:
     values = compare_data({a.name: a.table for a in d.analyses if len(a.table)})
     models = sorted({m for panel in values.values() for m in panel})
@@ -232,9 +231,9 @@ def _compare_html(d: ReportData, colors: dict[str, str]) -> str:
     panels = [{"key": k, "title": t, "unit": u} for k, (t, u) in COMPARE_PANELS.items() if k in values]
     parts.append('<div class="views">' + "".join(f'<div class="view"><div class="plot" id="compare-{p["key"]}"></div></div>'
                                                  for p in panels) + "</div>")
-    payload = json.dumps(clean({"panels": panels, "values": values, "colors": {m: colors.get(m) for m in models}}),
-                         separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
-    parts.append(f'<script type="application/json" id="compare-data">{payload}</script></section>')
+    parts.append(_json_script("compare-data", {"panels": panels, "values": values,
+                                               "colors": {m: colors.get(m) for m in models}}))
+    parts.append('</section>')
     return "".join(parts)
 
 
@@ -274,7 +273,9 @@ def _runs_html(d: ReportData, max_rows: int) -> str:
 
 def render(d: ReportData, max_rows: int = 200) -> str:
     """The report page for collected data: a pure function (same data, same page)."""
-    colors = _colors(_entities(d))
+    from ..plots.colors import colors_for
+
+    colors = colors_for(_entities(d))
     families = _families(d)
     body = "".join(_family_html(f, members, d, colors, max_rows) for f, members in families)
     body = body or '<section id="empty"><h2>No results</h2><p>This folder has no shards or figures yet.</p></section>'
@@ -296,7 +297,7 @@ def render(d: ReportData, max_rows: int = 200) -> str:
         "<nav>" + "".join(f'<a href="#{a}">{_esc(t)}</a>' for a, t in nav) + "</nav><main>"
         + body + compare + _runs_html(d, max_rows)
         + '</main><div id="lightbox"><p></p><img alt=""></div>'
-        + f"<script>{'window.Plotly=window.Plotly||null;' if not needs_plotly else ''}{JS}</script></body></html>"
+        + f"<script>{JS}</script></body></html>"
     )
 
 

@@ -62,6 +62,12 @@ def generic_summary(table: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
+def first_last(pairs: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a checkpoint-pair table (``epoch_a``, ``epoch_b``) that compare the first checkpoint with the
+    last: how much training changed each layer overall."""
+    return pairs[(pairs["epoch_a"] == pairs["epoch_a"].min()) & (pairs["epoch_b"] == pairs["epoch_b"].max())]
+
+
 def _last(table: pd.DataFrame, by: list[str], epoch: str = "epoch") -> pd.DataFrame:
     return table.sort_values(epoch).groupby(by, sort=False).tail(1)
 
@@ -80,12 +86,11 @@ def _criticality(table: pd.DataFrame) -> pd.DataFrame:
         out = out.join(table.groupby(keys, sort=False, dropna=False)["base_accuracy"].mean())
     out = out.reset_index()
     # the final models on clean images first, then under shift, then the runs over training
-    order = [out[c].notna() for c in ("epoch",) if c in out.columns]
-    order += [out["shift"].fillna("clean") != "clean"] if "shift" in out.columns else []
-    sort = pd.DataFrame({f"k{i}": o for i, o in enumerate(order)})
-    cols = [c for c in ("shift", "epoch") if c in out.columns] + ["model"]
-    sort = sort.join(out[cols])
-    return out.loc[sort.sort_values(list(sort.columns), kind="stable").index].reset_index(drop=True)
+    order = pd.DataFrame({
+        "over training": out["epoch"].notna() if "epoch" in out.columns else False,
+        "shifted": out["shift"].fillna("clean").ne("clean") if "shift" in out.columns else False,
+    }, index=out.index).join(out[[c for c in ("shift", "epoch") if c in out.columns] + ["model"]])
+    return out.loc[order.sort_values(list(order.columns), kind="stable").index].reset_index(drop=True)
 
 
 @summary("training")
@@ -108,7 +113,7 @@ def _dynamics_cka(table: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for run, t in table.groupby("run", sort=False):
         first, last = t["epoch_a"].min(), t["epoch_b"].max()
-        ends = t[(t["epoch_a"] == first) & (t["epoch_b"] == last)]
+        ends = first_last(t)
         worst = ends.loc[ends["cka"].idxmin()] if len(ends) else None
         rows.append({"run": run, "checkpoints": len(set(t["epoch_a"]) | set(t["epoch_b"])), "layers": t["layer"].nunique(),
                      "first epoch": first, "last epoch": last, "CKA first-last (mean over layers)": ends["cka"].mean(),
@@ -123,7 +128,7 @@ def _dynamics_drs(table: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (run, kind), t in table.groupby(["run", "kind"], sort=False):
         first, last = t["epoch_a"].min(), t["epoch_b"].max()
-        ends = t[(t["epoch_a"] == first) & (t["epoch_b"] == last)]
+        ends = first_last(t)
         rows.append({"run": run, "kind": kind, "first epoch": first, "last epoch": last,
                      "DRS first-last": ends["drs"].mean(), "layers": t["layer"].nunique()})
     return pd.DataFrame(rows)

@@ -12,6 +12,7 @@ from typing import Callable
 import pandas as pd
 
 from ..registry import Registry
+from .summaries import SUMMARIES
 
 __all__ = ["INTROS", "family", "intro", "intro_html", "title"]
 
@@ -83,16 +84,13 @@ def _names(values) -> str:
     return ", ".join(html.escape(str(v)) for v in values)
 
 
-def _clean_final(table: pd.DataFrame) -> pd.DataFrame:
-    """Criticality rows of the final models on clean images (no shift, no analysed epoch), randomize mode."""
-    rows = table
-    if "mode" in rows.columns and (rows["mode"] == "randomize").any():
-        rows = rows[rows["mode"] == "randomize"]
-    if "shift" in rows.columns:
-        rows = rows[rows["shift"].isna() | (rows["shift"] == "clean")]
-    if "epoch" in rows.columns:
-        rows = rows[rows["epoch"].isna()]
-    return rows
+def clean_final(table: pd.DataFrame) -> pd.DataFrame:
+    """The final models on clean images (:func:`layerlab.criticality.tables.clean_final`), in randomize mode when
+    the table has it, else every mode it holds."""
+    from ..criticality.tables import clean_final as rows_of
+
+    has_randomize = "mode" in table.columns and bool((table["mode"] == "randomize").any())
+    return rows_of(table, "randomize" if has_randomize else None)
 
 
 @intro("criticality")
@@ -112,7 +110,7 @@ def _criticality(tables: dict[str, pd.DataFrame]) -> str:
     table = tables.get("criticality")
     if table is None or table.empty:
         return what + how
-    final = _clean_final(table)
+    final = clean_final(table)
     found = []
     if len(final):
         per = final.groupby(["model", "layer"], sort=False)["criticality"].mean()
@@ -148,21 +146,16 @@ def _dynamics(tables: dict[str, pd.DataFrame]) -> str:
     found = []
     cka = tables.get("dynamics-cka")
     if cka is not None and len(cka):
-        for run, t in cka.groupby("run", sort=False):
-            first, last = t["epoch_a"].min(), t["epoch_b"].max()
-            ends = t[(t["epoch_a"] == first) & (t["epoch_b"] == last)]
-            if len(ends):
-                lo = ends.loc[ends["cka"].idxmin()]
-                found.append(f"{html.escape(run)}: CKA between epoch {first} and {last} is {ends['cka'].mean():.2f} on "
-                             f"average over {len(ends)} layers, lowest at <code>{html.escape(str(lo['label']))}</code> "
-                             f"({lo['cka']:.2f}).")
+        for r in SUMMARIES.get("dynamics-cka")(cka).dropna(subset=["its CKA"]).to_dict("records"):
+            found.append(f"{html.escape(r['run'])}: CKA between epoch {r['first epoch']} and {r['last epoch']} is "
+                         f"{r['CKA first-last (mean over layers)']:.2f} on average over {r['layers']} layers, lowest at "
+                         f"<code>{html.escape(str(r['layer that changed most']))}</code> ({r['its CKA']:.2f}).")
     probes = tables.get("dynamics-probes")
     if probes is not None and len(probes):
-        for run, t in probes.groupby("run", sort=False):
-            final = t[t["epoch"] == t["epoch"].max()]
-            best = final.loc[final["test_acc"].idxmax()]
-            found.append(f"{html.escape(run)}: best linear probe at epoch {int(best['epoch'])} is "
-                         f"<code>{html.escape(str(best['label']))}</code> ({best['test_acc']:.1%} test accuracy).")
+        for r in SUMMARIES.get("dynamics-probes")(probes).to_dict("records"):
+            found.append(f"{html.escape(r['run'])}: best linear probe at epoch {r['epoch']} is "
+                         f"<code>{html.escape(str(r['best layer']))}</code> ({r['its probe test accuracy']:.1%} test "
+                         "accuracy).")
     return what + how + (_p("<b>This run.</b>", *found) if found else "")
 
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 
 from ..registry import Registry
+from .summaries import first_last
 
 __all__ = ["VIEWS", "View", "compare_data", "plotly_js", "views_for"]
 
@@ -29,7 +30,6 @@ class View:
     title: str
     spec: dict[str, Any]
     note: str = ""
-    models: list[str] = field(default_factory=list)
     wide: bool = False  # spans the section's width (heatmaps with many columns)
 
 
@@ -85,11 +85,10 @@ def _layout(title: str, height: int = 420, **kw: Any) -> dict[str, Any]:
     return base
 
 
-def _layer_order(table: pd.DataFrame, layer: str = "layer", index: str = "index", label: str = "label") -> list[str]:
-    """Layers in forward order (by their index column when present), named by their label."""
-    cols = [c for c in (layer, index, label) if c in table.columns]
-    t = table[cols].drop_duplicates(layer)
-    if index in t.columns:
+def _layer_order(table: pd.DataFrame, layer: str = "layer", index: str | None = "index") -> list[str]:
+    """Layers in forward order: by their index column when the table has one, else in natural order."""
+    t = table.drop_duplicates(layer)
+    if index is not None and index in t.columns:
         return t.sort_values(index, kind="stable")[layer].tolist()
     return _natural(t[layer].tolist())
 
@@ -125,9 +124,9 @@ def _dropdown(labels: list[str], masks: list[list[bool]], titles: list[str] | No
 
 def final_criticality(table: pd.DataFrame) -> pd.DataFrame:
     """Per (model, layer) mean criticality of the final models on clean images (randomize mode)."""
-    from .text import _clean_final
+    from .text import clean_final
 
-    rows = _clean_final(table)
+    rows = clean_final(table)
     keys = ["model", "layer"] + [c for c in ("label", "index") if c in rows.columns]
     return rows.groupby(keys, sort=False)["criticality"].agg(["mean", "std", "count"]).reset_index()
 
@@ -158,9 +157,9 @@ def _criticality(tables: dict[str, pd.DataFrame], colors: dict[str, str]) -> lis
                                                   xaxis={"tickangle": -60, "automargin": True},
                                                   yaxis={"title": {"text": "criticality %"}, "rangemode": "tozero"})}
     out = [View("criticality-heatmap", "Criticality heatmap", heat, "Hover a cell for its value; drag to zoom, "
-                "double-click to reset.", models, wide=len(layers) > 12),
+                "double-click to reset.", wide=len(layers) > 12),
            View("criticality-lines", "Criticality per layer, per model", per_layer, "Click a model in the legend to "
-                "hide it, double-click to show it alone.", models)]
+                "hide it, double-click to show it alone.")]
     over = _over_training(table, colors)
     return out + ([over] if over else [])
 
@@ -186,15 +185,10 @@ def _over_training(table: pd.DataFrame, colors: dict[str, str]) -> View | None:
                                               xaxis={"tickangle": -60, "automargin": True},
                                               yaxis={"title": {"text": "epoch"}, "type": "category"},
                                               updatemenus=_dropdown(runs, masks, [f"Criticality over training: {r}" for r in runs]))}
-    return View("criticality-over-training", "Criticality over training", spec, "Pick a run in the menu (top right).", runs)
+    return View("criticality-over-training", "Criticality over training", spec, "Pick a run in the menu (top right).")
 
 
 # ================================================================================================= dynamics
-
-
-def _ends(t: pd.DataFrame) -> pd.DataFrame:
-    first, last = t["epoch_a"].min(), t["epoch_b"].max()
-    return t[(t["epoch_a"] == first) & (t["epoch_b"] == last)]
 
 
 @view("dynamics")
@@ -207,7 +201,7 @@ def _dynamics(tables: dict[str, pd.DataFrame], colors: dict[str, str]) -> list[V
             t = cka[cka["run"] == r]
             last = t["epoch_b"].max()
             to_last = t[t["epoch_b"] == last].sort_values("epoch_a")
-            layers = _layer_order(t, index="__none__")
+            layers = _layer_order(t, index=None)
             names = _labels(t, layers)
             for i, (layer, name) in enumerate(zip(layers, names)):
                 s = to_last[to_last["layer"] == layer]
@@ -222,14 +216,14 @@ def _dynamics(tables: dict[str, pd.DataFrame], colors: dict[str, str]) -> list[V
             "data": traces, "layout": _layout(titles[0], 440, xaxis={"title": {"text": "epoch"}},
                                               yaxis={"title": {"text": "CKA"}, "range": [0, 1.05]},
                                               updatemenus=_dropdown(runs, masks, titles))},
-            "Pick a run in the menu (top right); lines run from the first layer (blue) to the last (red).", runs))
+            "Pick a run in the menu (top right); lines run from the first layer (blue) to the last (red)."))
     probes = tables.get("dynamics-probes")
     if probes is not None and len(probes):
         traces = []
         for r in sorted(probes["run"].unique()):
             t = probes[probes["run"] == r]
             final = t[t["epoch"] == t["epoch"].max()]
-            layers = _layer_order(final, index="__none__")
+            layers = _layer_order(final, index=None)
             s = final.set_index("layer").reindex(layers)
             depth = [i / max(len(layers) - 1, 1) for i in range(len(layers))]
             traces.append({"type": "scatter", "mode": "lines+markers", "name": f"{r} (epoch {int(t['epoch'].max())})",
@@ -391,7 +385,7 @@ def compare_data(tables: dict[str, pd.DataFrame]) -> dict[str, dict[str, dict[st
         out["criticality"] = {m: _series(t, "mean") for m, t in per.groupby("model", sort=False)}
     cka = tables.get("dynamics-cka")
     if cka is not None and len(cka):
-        out["cka"] = {r: _series(_ends(t), "cka", index=None) for r, t in cka.groupby("run", sort=False)}
+        out["cka"] = {r: _series(first_last(t), "cka", index=None) for r, t in cka.groupby("run", sort=False)}
     probes = tables.get("dynamics-probes")
     if probes is not None and len(probes):
         out["probes"] = {r: _series(t[t["epoch"] == t["epoch"].max()], "test_acc", index=None)
